@@ -1,0 +1,45 @@
+"""The sweeper's settings (``hydra.sweeper.*``), registered as ``hydra/sweeper=kdsweep_optuna``."""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class OptunaSweeperConf:
+    """Settings of an Optuna study run through Hydra's multirun."""
+
+    _target_: str = "hydra_plugins.kdsweep_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+
+    # Search space in Hydra's override grammar, e.g. {"distill.alpha": "interval(0, 1)"}.
+    # Sweep overrides on the command line are added to it and win over it.
+    params: dict[str, str] = field(default_factory=dict)
+
+    # The metric that the trial job returns and the study optimises. Only validation metrics
+    # may be optimised: test metrics are reported, never optimised on.
+    metric: str = "val/acc"
+    direction: str = "maximize"
+
+    # The study's total number of finished trials: rerunning a study continues it up to this count.
+    n_trials: int = 20
+
+    # One of tpe, random, qmc, gp, nsgaii, grid, seeded with `seed` so that a sweep repeats.
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    seed: Optional[int] = 0
+
+    # Points tried first when the study is new, e.g. [{"distill.alpha": 0.0}] for the baseline.
+    enqueue: list[Any] = field(default_factory=list)
+
+    # Optuna storage: None for a journal file `optuna.journal` in the working directory, a path
+    # for a journal file elsewhere, or a database URL such as postgresql://user@host/db.
+    storage: Optional[str] = None
+    study_name: str = "kdsweep"
+
+    # The sweep stops once more than this fraction of its finished trials have failed.
+    max_failure_rate: float = 0.0
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="kdsweep_optuna", node=OptunaSweeperConf,
+                             provider="kdsweep")

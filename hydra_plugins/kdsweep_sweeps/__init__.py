@@ -1,0 +1,1 @@
+"""Expose the checkout's ``sweeps/`` folder to kdsweep as the config group ``sweep``."""

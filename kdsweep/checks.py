@@ -1,0 +1,102 @@
+"""Checks on a composed config, run before any data is trained on or any MLflow run starts.
+
+Each failure raises :class:`ConfigError` with one line that names the key, the value given and
+what is allowed; :func:`exit_on_config_error` turns it into that line on stderr and exit status 2.
+"""
+
+import contextlib
+import math
+import sys
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+from hydra.errors import CompactHydraException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from kdsweep.data import DATASETS
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """An invalid setting in the composed config."""
+
+
+@contextlib.contextmanager
+def exit_on_config_error():
+    """Print a ConfigError raised in the block as one line and exit with status 2.
+
+    Hydra would add a second line (a hint about HYDRA_FULL_ERROR) and, for a job, the overrides.
+    """
+    try:
+        yield
+    except ConfigError as error:
+        print(f"kdsweep: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check the values of a composed kdsweep config without loading data or building models."""
+    temperature = _number(cfg, "distill.temperature")
+    if not temperature > 0:
+        raise ConfigError(f"distill.temperature={temperature}: the temperature T must be > 0")
+    alpha = _number(cfg, "distill.alpha")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={alpha}: alpha (the weight of the soft targets) must be in [0, 1]")
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"data.name={cfg.data.name!r}: unknown dataset; choose one of {', '.join(DATASETS)}")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r}: the seed must be a whole number >= 0")
+
+    for role in ("teacher", "student"):
+        for key in ("max_epochs", "batch_size"):
+            value = cfg[role][key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{role}.{key}={value!r}: must be a whole number >= 1")
+        _check_target(cfg[role].model._target_, f"{role}.model._target_")
+        _check_target(cfg[role].optimizer._target_, f"{role}.optimizer._target_")
+
+
+def check_logit_widths(teacher: nn.Module, student: nn.Module, input_shape: Sequence[int], num_classes: int,
+                       dataset: str) -> None:
+    """Check that teacher and student both output one logit per class of the dataset."""
+    sample = torch.zeros(2, *input_shape)
+    for role, model in (("teacher", teacher), ("student", student)):
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            width = model(sample).shape[-1]
+        model.train(was_training)
+        if width != num_classes:
+            raise ConfigError(
+                f"{role}.model outputs {width} logits, but data={dataset} has {num_classes} classes; "
+                f"teacher and student must both output {num_classes}"
+            )
+
+
+def check_optimizer(optimizer_cfg: DictConfig, model: nn.Module, key: str) -> None:
+    """Build the optimizer once on ``model``, so that invalid arguments fail before training."""
+    try:
+        instantiate(optimizer_cfg)(model.parameters())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{key}: invalid optimizer settings ({error})") from None
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
+    return float(value)
+
+
+def _check_target(target: str, key: str) -> None:
+    try:
+        get_object(target)
+    except Exception as error:  # Hydra wraps every import failure in a plain ImportError or its own type.
+        raise ConfigError(f"{key}={target!r}: cannot be imported ({type(error).__name__}); "
+                          f"give a dotted path such as kdsweep.models.MLP") from None

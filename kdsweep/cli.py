@@ -1,0 +1,95 @@
+"""The ``kdsweep`` command: one Hydra application for single runs and Optuna sweeps.
+
+``kdsweep`` trains (or reuses) the teacher and distils one student; ``kdsweep sweep=NAME`` runs
+the Optuna sweep defined in ``sweeps/NAME.yaml``. Any config value can be overridden on the
+command line with Hydra's syntax (``distill.alpha=0.7 data=mnist``).
+"""
+
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+CONF_DIR = CHECKOUT / "conf"
+SWEEPS_DIR = CHECKOUT / "sweeps"
+
+# Overrides such as data=mnist or +sweep=temperature_alpha,foo that select config group options.
+_GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}([a-z_]+)=([A-Za-z0-9_.,-]+)$")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _app(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    from kdsweep.checks import exit_on_config_error
+    from kdsweep.train import run
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # The sweeper checked the configs before the first trial. A trial that still fails is
+        # recorded as a failed trial and does not end the process.
+        return run(cfg)
+    with exit_on_config_error():
+        return run(cfg)
+
+
+def group_options() -> dict[str, list[str]]:
+    """Return the options of each config group under conf/, and of ``sweep`` under sweeps/."""
+    options = {
+        folder.name: sorted(path.stem for path in folder.glob("*.yaml"))
+        for folder in CONF_DIR.iterdir()
+        if folder.is_dir()
+    }
+    options["sweep"] = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
+    return options
+
+
+def check_arguments(arguments: list[str]) -> Optional[str]:
+    """Return a one-line error for the first override that cannot be parsed or names a missing option.
+
+    Hydra reports both itself, over several lines; this gives the short form before Hydra starts.
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed, _ = get_args_parser().parse_known_args(arguments)
+    parser = OverridesParser.create()
+    for line in parsed.overrides:
+        try:
+            parser.parse_override(line)
+        except HydraException as error:
+            details = [text.strip() for text in str(error).splitlines()
+                       if text.strip() and not text.startswith(("Error parsing override", "See https"))]
+            return f"{line}: invalid override ({details[0] if details else error})"
+    if parsed.config_dir is not None:
+        return None  # Group options may also come from the extra config folder.
+
+    options = group_options()
+    for line in parsed.overrides:
+        match = _GROUP_OVERRIDE.match(line)
+        if not match or match.group(1) not in options:
+            continue
+        group, values = match.groups()
+        for value in values.split(","):
+            if value not in options[group] and value != "null":
+                return f"{group}={value}: unknown {group}; choose one of {', '.join(options[group])}"
+    return None
+
+
+def main() -> None:
+    error = check_arguments(sys.argv[1:])
+    if error:
+        print(f"kdsweep: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    # Every built-in dataset is a tensor in memory, so worker processes would only add start-up time.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    _app()
+
+
+if __name__ == "__main__":
+    main()

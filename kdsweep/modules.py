@@ -1,0 +1,137 @@
+"""Lightning modules: a classifier trained on labels (the teacher) and a student distilled from it."""
+
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdsweep.losses import distillation_loss
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class FrozenTeacher:
+    """A trained network used only for inference: eval mode, no gradients, outside any module tree.
+
+    It is deliberately not an ``nn.Module`` attribute of the student's LightningModule. Lightning's
+    ``.train()`` calls after every validation loop therefore cannot switch its dropout or BatchNorm
+    back to training mode, and its weights stay out of the optimizer, the checkpoint and DDP.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    def to(self, device: torch.device) -> "FrozenTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+
+class ClassifierModule(pl.LightningModule):
+    """Train ``model`` with cross-entropy and report accuracy and loss on validation and test data.
+
+    Metrics are logged once per epoch with the epoch as the MLflow step.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        loss = F.cross_entropy(self.model(inputs), labels)
+        self._log_epoch({"train/loss": loss}, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        logits = self.model(inputs)
+        self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        self.val_acc.update(logits, labels)
+        self._log_epoch({"val/loss": self.val_loss, "val/acc": self.val_acc}, batch_size=len(labels))
+        return logits
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        inputs, labels = batch
+        logits = self.model(inputs)
+        self.test_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
+        self.test_acc.update(logits, labels)
+        self._log_epoch({"test/loss": self.test_loss, "test/acc": self.test_acc}, batch_size=len(labels))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.model.parameters())
+
+    def _log_epoch(self, metrics: dict, batch_size: int) -> None:
+        # Lightning takes a logged "step" value as the logger's step, so MLflow plots against epochs.
+        metrics = {**metrics, "step": float(self.current_epoch)}
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+
+
+class DistillationModule(ClassifierModule):
+    """Train a student on a blend of hard labels and a frozen teacher's soft targets.
+
+    See :func:`kdsweep.losses.distillation_loss` for the objective; ``alpha`` weights the soft
+    targets. With ``alpha = 0`` no teacher is needed and the module trains the plain baseline.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        num_classes: int,
+        *,
+        teacher: Optional[FrozenTeacher],
+        temperature: float,
+        alpha: float,
+    ) -> None:
+        super().__init__(model, optimizer, num_classes)
+        self.save_hyperparameters("temperature", "alpha", logger=False)
+        if alpha > 0 and teacher is None:
+            raise ValueError(f"a teacher is required when alpha > 0, got alpha={alpha}")
+        self.teacher = teacher
+        self.temperature = temperature
+        self.alpha = alpha
+        self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def on_test_start(self) -> None:
+        self.on_fit_start()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        student_logits = self.model(inputs)
+        teacher_logits = self.teacher.logits(inputs) if self.alpha > 0 else None
+        loss = distillation_loss(
+            student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
+        )
+        metrics = {"train/loss": loss.total, "train/loss_hard": loss.hard, "train/loss_soft": loss.soft}
+        self._log_epoch(metrics, batch_size=len(labels))
+        return loss.total
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        student_logits = super().validation_step(batch, batch_idx)
+        if self.teacher is not None:
+            inputs, labels = batch
+            teacher_predictions = self.teacher.logits(inputs).argmax(dim=-1)
+            self.val_agreement.update(student_logits, teacher_predictions)
+            self._log_epoch({"val/agreement": self.val_agreement}, batch_size=len(labels))
+        return student_logits

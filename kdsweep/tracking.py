@@ -1,0 +1,186 @@
+"""MLflow tracking: where runs go, how they are tagged, and the resolved config as params and artifact.
+
+Every run goes through one Lightning ``MLFlowLogger`` (a subclass that keeps parameter values
+whole); everything logged outside the Trainer uses that logger's own ``MlflowClient``.
+"""
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow.entities import Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+ROLE_TAG = "kdsweep.role"
+TEACHER_RUN_TAG = "kdsweep.teacher_run_id"
+TEACHER_KEY_TAG = "kdsweep.teacher_key"
+STUDY_TAG = "optuna.study_name"
+TRIAL_NUMBER_TAG = "optuna.trial_number"
+CONFIG_ARTIFACT = "config.yaml"
+
+# A sweep passes its MLflow parent run and the Optuna trial to each trial job through these
+# environment variables (set per job by Hydra's hydra.job.env_set).
+PARENT_RUN_ENV = "KDSWEEP_PARENT_RUN_ID"
+STUDY_NAME_ENV = "KDSWEEP_STUDY_NAME"
+TRIAL_NUMBER_ENV = "KDSWEEP_TRIAL_NUMBER"
+
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    """Return ``uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the working directory.
+
+    The SQLite default is the store that ``mlflow ui`` opens when started in the same directory.
+    """
+    if uri:
+        return str(uri)
+    from_environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_environment:
+        return from_environment
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, str]:
+    """Flatten a resolved config to dotted keys (``distill.alpha``) with whole string values."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)
+
+    visit("", container)
+    return flat
+
+
+def git_commit() -> Optional[str]:
+    """Return the commit of the checkout that contains this package, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, but parameter values are logged whole rather than cut at 250 characters."""
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        log_params(self.experiment, self.run_id, params)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log params with whole values, in batches of the most MLflow takes in one call."""
+    entries = []
+    for key, value in params.items():
+        text = str(value)
+        if len(text) > MAX_PARAM_VAL_LENGTH:
+            raise ValueError(
+                f"config value {key} is {len(text)} characters long; MLflow stores at most "
+                f"{MAX_PARAM_VAL_LENGTH} per parameter"
+            )
+        entries.append(Param(key=key, value=text))
+    for start in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id=run_id, params=entries[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def create_logger(tracking_cfg: DictConfig, *, role: str, run_name: str, tags: Mapping[str, str]) -> RunLogger:
+    """Create the logger for one run; the MLflow run itself starts on first use."""
+    all_tags = {ROLE_TAG: role, **tags}
+    commit = git_commit()
+    if commit:
+        all_tags[MLFLOW_GIT_COMMIT] = commit
+    return RunLogger(
+        experiment_name=tracking_cfg.experiment,
+        tracking_uri=resolve_tracking_uri(tracking_cfg.uri),
+        run_name=run_name,
+        tags=all_tags,
+    )
+
+
+def sweep_tags_from_environment() -> dict[str, str]:
+    """Return the parent-run and trial tags for a job that a sweep started, or {} outside a sweep."""
+    tags = {}
+    if os.environ.get(PARENT_RUN_ENV):
+        tags[MLFLOW_PARENT_RUN_ID] = os.environ[PARENT_RUN_ENV]
+    if os.environ.get(STUDY_NAME_ENV):
+        tags[STUDY_TAG] = os.environ[STUDY_NAME_ENV]
+    if os.environ.get(TRIAL_NUMBER_ENV):
+        tags[TRIAL_NUMBER_TAG] = os.environ[TRIAL_NUMBER_ENV]
+    return tags
+
+
+def log_config(logger: RunLogger, cfg: DictConfig) -> None:
+    """Log the resolved config as flattened params and as a YAML artifact."""
+    logger.log_hyperparams(flatten_config(cfg))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CONFIG_ARTIFACT
+        path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+@contextlib.contextmanager
+def run_status(logger: RunLogger) -> Iterator[None]:
+    """End the logger's MLflow run as FINISHED, or as FAILED (KILLED on Ctrl-C) when the block raises."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _terminate(logger, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        _terminate(logger, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    _terminate(logger, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _terminate(logger: RunLogger, status: str) -> None:
+    if logger.run_id is not None:
+        logger.experiment.set_terminated(logger.run_id, status)
+
+
+def client_for(tracking_cfg: DictConfig) -> MlflowClient:
+    return MlflowClient(resolve_tracking_uri(tracking_cfg.uri))
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Return the id of experiment ``name``, creating it if needed (safe when processes race to create it)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def run_exists(client: MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True

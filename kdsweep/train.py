@@ -1,0 +1,157 @@
+"""One kdsweep job: obtain the teacher (from the cache or by training it), then distil the student.
+
+This is the body of the ``kdsweep`` command and of every sweep trial. Its return value contains
+the student's final metrics; the sweeper reads its objective from them.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdsweep import tracking
+from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
+from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits
+from kdsweep.models import build_model
+from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
+from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """The data and the untrained models of a checked config."""
+
+    splits: DataSplits
+    teacher: nn.Module
+    student: nn.Module
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Check the config, load the data and build both models, raising ConfigError on bad input.
+
+    Nothing here trains or touches MLflow, so a sweep calls it on every config it will launch
+    before any trial starts.
+    """
+    check_config(cfg)
+    try:
+        splits = load_splits(cfg.data)
+    except DatasetNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    student = _seeded_model(cfg, "student", splits)
+    teacher = _seeded_model(cfg, "teacher", splits)
+    check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
+    check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
+    check_optimizer(cfg.student.optimizer, student, "student.optimizer")
+    return Prepared(splits=splits, teacher=teacher, student=student)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the teacher if it is not cached, then the student; return the student's results."""
+    prepared = prepare(cfg)
+    splits = prepared.splits
+    if cfg.distill.alpha == 0:
+        return _train_student(cfg, prepared.student, None, None, splits)
+    teacher_entry = _obtain_teacher(cfg, prepared.teacher, splits)
+    return _train_student(cfg, prepared.student, FrozenTeacher(prepared.teacher), teacher_entry, splits)
+
+
+def _seeded_model(cfg: DictConfig, role: str, splits: DataSplits) -> nn.Module:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model_cfg = cfg[role].model
+    try:
+        return build_model(model_cfg, splits.input_shape, splits.num_classes)
+    except Exception as error:  # Any failure of a user's constructor is a config error here.
+        cause = error.__cause__ or error  # Hydra wraps the constructor's exception.
+        raise ConfigError(f"{role}.model: building {model_cfg._target_} failed "
+                          f"({type(cause).__name__}: {cause})") from None
+
+
+def _obtain_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits) -> CachedTeacher:
+    """Load the cached teacher into ``teacher``, training and caching it first if it is missing."""
+    cache = TeacherCache(to_absolute_path(cfg.teacher_cache_dir))
+    key = teacher_cache_key(cfg)
+    with cache.lock(key):
+        cached = cache.load(key)
+        if cached is None:
+            log.info("Teacher %s is not cached; training it", key)
+            entry = _train_teacher(cfg, teacher, splits, key)
+            cache.save(teacher.state_dict(), entry)
+            return entry
+
+    state_dict, entry = cached
+    teacher.load_state_dict(state_dict)
+    log.info("Reusing cached teacher %s from MLflow run %s (val/acc %.4f)", key, entry.run_id,
+             entry.metrics.get("val/acc", float("nan")))
+    current_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    if entry.tracking_uri != current_uri:
+        log.warning("Cached teacher %s was logged to %s, not to the current store %s", key, entry.tracking_uri,
+                    current_uri)
+    return entry
+
+
+def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key: str) -> CachedTeacher:
+    logger = tracking.create_logger(cfg.tracking, role="teacher", run_name=f"teacher-{key[:8]}",
+                                    tags={tracking.TEACHER_KEY_TAG: key})
+    tracking.log_config(logger, cfg)
+    with tracking.run_status(logger):
+        module = ClassifierModule(teacher, instantiate(cfg.teacher.optimizer), splits.num_classes)
+        metrics = _fit_and_test(cfg, module, logger, splits, cfg.teacher)
+    return CachedTeacher(key=key, run_id=logger.run_id, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
+                         metrics=metrics)
+
+
+def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[FrozenTeacher],
+                   teacher_entry: Optional[CachedTeacher], splits: DataSplits) -> dict[str, Any]:
+    tags = tracking.sweep_tags_from_environment()
+    if teacher_entry is not None:
+        tags[tracking.TEACHER_RUN_TAG] = teacher_entry.run_id
+        tags[tracking.TEACHER_KEY_TAG] = teacher_entry.key
+    trial = tags.get(tracking.TRIAL_NUMBER_TAG)
+    logger = tracking.create_logger(cfg.tracking, role="student",
+                                    run_name=f"trial-{trial}" if trial is not None else "student", tags=tags)
+    tracking.log_config(logger, cfg)
+    with tracking.run_status(logger):
+        module = DistillationModule(
+            student,
+            instantiate(cfg.student.optimizer),
+            splits.num_classes,
+            teacher=teacher,
+            temperature=cfg.distill.temperature,
+            alpha=cfg.distill.alpha,
+        )
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        metrics = _fit_and_test(cfg, module, logger, splits, cfg.student)
+    log.info("Student run %s finished: val/acc %.4f, test/acc %.4f", logger.run_id, metrics["val/acc"],
+             metrics["test/acc"])
+    return {
+        "metrics": metrics,
+        "distill": {"distill.temperature": float(cfg.distill.temperature), "distill.alpha": float(cfg.distill.alpha)},
+        "run_id": logger.run_id,
+        "teacher": None if teacher_entry is None else {"run_id": teacher_entry.run_id,
+                                                       "metrics": teacher_entry.metrics},
+    }
+
+
+def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.RunLogger, splits: DataSplits,
+                  training: DictConfig) -> dict[str, float]:
+    """Fit for ``training.max_epochs``, then test; return the final validation and test metrics."""
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_epochs=training.max_epochs,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    data = TensorDataModule(splits, batch_size=training.batch_size, seed=cfg.seed)
+    trainer.fit(module, datamodule=data)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    metrics.update({k: float(v) for k, v in test_metrics.items() if k.startswith("test/")})
+    return metrics

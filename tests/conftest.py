@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
+
+# Short trainings, so that the command-line tests finish in seconds.
+FAST = ["trainer.enable_progress_bar=false", "teacher.max_epochs=2", "student.max_epochs=2"]
+
+
+def run_kdsweep(arguments: list[str], cwd: Path, timeout: float = 300,
+                environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``kdsweep`` command in ``cwd``, by default with MLflow's default store in that folder.
+
+    ``tests/models`` is importable in the command, so configs can name the test networks there.
+    """
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KDSWEEP_"))},
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(CHECKOUT / "tests" / "models"),
+        **(environment or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "kdsweep.cli", *arguments],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def kdsweep(tmp_path):
+    """Return a function that runs kdsweep in this test's temporary folder and fails loudly on error."""
+
+    def invoke(*arguments: str, expect_success: bool = True,
+               environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        result = run_kdsweep(list(arguments), tmp_path, environment=environment)
+        if expect_success and result.returncode != 0:
+            pytest.fail(f"kdsweep {' '.join(arguments)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+        return result
+
+    return invoke
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,0 +1,21 @@
+"""Networks that break on purpose, for tests that need a run to fail during training."""
+
+import torch
+
+from kdsweep.models import MLP
+
+
+class FailingMLP(MLP):
+    """An MLP whose forward pass raises once it has run ``fail_after`` training batches."""
+
+    def __init__(self, input_shape, num_classes, hidden_sizes=(8,), dropout=0.0, fail_after: int = 3) -> None:
+        super().__init__(input_shape, num_classes, hidden_sizes=hidden_sizes, dropout=dropout)
+        self.fail_after = fail_after
+        self.training_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.training_calls += 1
+            if self.training_calls > self.fail_after:
+                raise RuntimeError("FailingMLP failed on purpose")
+        return super().forward(x)

@@ -1,0 +1,53 @@
+"""Bad input is rejected with one line naming the key, the value and what is allowed, before any work."""
+
+import pytest
+
+from conftest import FAST
+
+SWEEP = ["sweep=temperature_alpha", "hydra.sweeper.n_trials=2"]
+
+CASES = {
+    "zero temperature": ([*FAST, "distill.temperature=0"], ["distill.temperature=0", "> 0"]),
+    "negative temperature": ([*FAST, "distill.temperature=-2"], ["distill.temperature=-2", "> 0"]),
+    "alpha above one": ([*FAST, "distill.alpha=1.5"], ["distill.alpha=1.5", "[0, 1]"]),
+    "alpha below zero": ([*FAST, "distill.alpha=-0.1"], ["distill.alpha=-0.1", "[0, 1]"]),
+    "unknown data group": ([*FAST, "data=imagenet"], ["data=imagenet", "digits", "mnist"]),
+    "unknown data name": ([*FAST, "data.name=imagenet"], ["data.name='imagenet'", "digits"]),
+    "unknown student group": ([*FAST, "student=resnet999"], ["student=resnet999", "mlp_small"]),
+    "unknown model target": ([*FAST, "student.model._target_=nowhere.Net"],
+                             ["student.model._target_='nowhere.Net'", "dotted path"]),
+    "model arguments mismatch": ([*FAST, "student.model._target_=kdsweep.models.SmallCNN"],
+                                 ["student.model", "kdsweep.models.SmallCNN", "hidden_sizes"]),
+    "class count mismatch": ([*FAST, "+student.model.num_classes=5"], ["student.model outputs 5 logits", "10"]),
+    "missing data root": ([*FAST, "data=mnist", "data.root=/nonexistent/kdsweep", "data.download=false"],
+                          ["data.root='/nonexistent/kdsweep'", "data.download=true"]),
+    "negative learning rate": ([*FAST, "student.optimizer.lr=-1"], ["student.optimizer", "learning rate"]),
+    "zero epochs": ([*FAST, "student.max_epochs=0"], ["student.max_epochs=0", ">= 1"]),
+    "reversed interval": ([*SWEEP, *FAST, "distill.alpha=interval(0.9, 0.1)"],
+                          ["distill.alpha", "interval(0.9, 0.1)", "empty"]),
+    "temperature range reaching zero": ([*SWEEP, *FAST, "distill.temperature=interval(0, 5)"],
+                                        ["distill.temperature=0.0", "> 0"]),
+    "alpha range above one": ([*SWEEP, *FAST, "distill.alpha=interval(0.5, 2)"], ["distill.alpha=2.0", "[0, 1]"]),
+    "empty choice": ([*SWEEP, *FAST, "distill.alpha=choice()"], ["distill.alpha=choice()", "empty"]),
+    "empty range": ([*SWEEP, *FAST, "student.max_epochs=range(3, 3)"], ["student.max_epochs", "empty"]),
+    "log scale from zero": ([*SWEEP, *FAST, "distill.temperature=tag(log, interval(0, 4))"],
+                            ["distill.temperature", "log scale", "> 0"]),
+    "unknown sampler": ([*SWEEP, *FAST, "hydra.sweeper.sampler=bayes"], ["hydra.sweeper.sampler='bayes'", "tpe"]),
+    "test metric objective": ([*SWEEP, *FAST, "hydra.sweeper.metric=test/acc"],
+                              ["hydra.sweeper.metric='test/acc'", "validation"]),
+}
+
+
+@pytest.mark.parametrize("arguments, expected", CASES.values(), ids=CASES.keys())
+def test_bad_input_rejected_before_work(kdsweep, tmp_path, arguments, expected):
+    result = kdsweep(*arguments, expect_success=False)
+
+    assert result.returncode != 0
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1, f"expected one line, got:\n{result.stderr}"
+    for fragment in expected:
+        assert fragment in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created before the error"
+    assert not (tmp_path / "teacher_cache").exists(), "a teacher was trained before the error"
+    assert not (tmp_path / "optuna.journal").exists(), "an Optuna study was created before the error"
