@@ -8,6 +8,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Sequence
+from typing import Optional
 from numbers import Real
 
 import torch
@@ -17,6 +18,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kdsweep.data import DATASETS
+
+
+# NumPy's seeds are 32-bit, and Lightning seeds NumPy with the run's seed.
+MAX_SEED = 2**32 - 1
+# Tracking URI schemes that MLflow stores accept; an empty scheme is a local path.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -47,15 +54,13 @@ def check_config(cfg: DictConfig) -> None:
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r}: unknown dataset; choose one of {', '.join(DATASETS)}")
-    seed = cfg.seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r}: the seed must be a whole number >= 0")
+    _check_data(cfg.data)
+    _check_whole(cfg.seed, "seed", 0, MAX_SEED)
+    _check_tracking(cfg.tracking)
 
     for role in ("teacher", "student"):
         for key in ("max_epochs", "batch_size"):
-            value = cfg[role][key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{role}.{key}={value!r}: must be a whole number >= 1")
+            _check_whole(cfg[role][key], f"{role}.{key}", 1)
         _check_target(cfg[role].model._target_, f"{role}.model._target_")
         _check_target(cfg[role].optimizer._target_, f"{role}.optimizer._target_")
 
@@ -83,6 +88,35 @@ def check_optimizer(optimizer_cfg: DictConfig, model: nn.Module, key: str) -> No
         instantiate(optimizer_cfg)(model.parameters())
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{key}: invalid optimizer settings ({error})") from None
+
+
+def _check_whole(value: object, key: str, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{key}={value!r}: must be a whole number {allowed}")
+
+
+def _check_data(data: DictConfig) -> None:
+    _check_whole(data.split_seed, "data.split_seed", 0, MAX_SEED)
+    if data.name == "digits":
+        for key in ("test_fraction", "val_fraction"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
+                raise ConfigError(f"data.{key}={value!r}: must be a fraction between 0 and 1, exclusive")
+        return
+    _check_whole(data.val_size, "data.val_size", 1)
+    if not isinstance(data.download, bool):
+        raise ConfigError(f"data.download={data.download!r}: must be true or false")
+
+
+def _check_tracking(tracking: DictConfig) -> None:
+    if not isinstance(tracking.experiment, str) or not tracking.experiment.strip():
+        raise ConfigError(f"tracking.experiment={tracking.experiment!r}: give a non-empty experiment name")
+    if tracking.uri is not None:
+        scheme = str(tracking.uri).partition("://")[0] if "://" in str(tracking.uri) else ""
+        if scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ConfigError(f"tracking.uri={tracking.uri!r}: unsupported scheme; use a path or one of "
+                              f"{', '.join(s + '://' for s in TRACKING_SCHEMES if s)}")
 
 
 def _number(cfg: DictConfig, key: str) -> float:

@@ -113,7 +113,10 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
-    kept, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels.numpy())
+    try:
+        kept, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels.numpy())
+    except ValueError as error:
+        raise ValueError(f"data: a fraction of {fraction} cannot split {len(labels)} images by class ({error})") from None
     return np.sort(kept), np.sort(held_out)
 
 

@@ -21,6 +21,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        _check_architecture(hidden_sizes, "hidden_sizes", dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for hidden in hidden_sizes:
@@ -51,6 +52,9 @@ class SmallCNN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        _check_architecture([*channels, hidden_size], "channels and hidden_size", dropout)
+        if not channels:
+            raise ValueError("channels is empty; give at least one convolution block, e.g. [32, 64]")
         in_channels, height, width = input_shape
         blocks: list[nn.Module] = []
         for out_channels in channels:
@@ -78,6 +82,13 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _check_architecture(widths: Sequence[int], name: str, dropout: float) -> None:
+    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"{name} must be whole numbers >= 1, got {list(widths)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
 def build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:

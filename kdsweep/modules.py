@@ -15,6 +15,10 @@ from kdsweep.losses import distillation_loss
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite, so the training cannot continue."""
+
+
 class FrozenTeacher:
     """A trained network used only for inference: eval mode, no gradients, outside any module tree.
 
@@ -56,6 +60,7 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
         loss = F.cross_entropy(self.model(inputs), labels)
+        _check_finite(loss, self.current_epoch, batch_idx)
         self._log_epoch({"train/loss": loss}, batch_size=len(labels))
         return loss
 
@@ -123,6 +128,7 @@ class DistillationModule(ClassifierModule):
         loss = distillation_loss(
             student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
         )
+        _check_finite(loss.total, self.current_epoch, batch_idx)
         metrics = {"train/loss": loss.total, "train/loss_hard": loss.hard, "train/loss_soft": loss.soft}
         self._log_epoch(metrics, batch_size=len(labels))
         return loss.total
@@ -135,3 +141,13 @@ class DistillationModule(ClassifierModule):
             self.val_agreement.update(student_logits, teacher_predictions)
             self._log_epoch({"val/agreement": self.val_agreement}, batch_size=len(labels))
         return student_logits
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, batch_idx: int) -> None:
+    """Raise NonFiniteLossError at once when the training loss is NaN or infinite.
+
+    Checking every step costs one device synchronisation per batch, which stops a diverged
+    trial before it wastes its remaining epochs.
+    """
+    if not torch.isfinite(loss).item():
+        raise NonFiniteLossError(f"train/loss is {loss.item()} at epoch {epoch}, batch {batch_idx}")

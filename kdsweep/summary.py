@@ -9,16 +9,28 @@ TEMPERATURE_KEY = "distill.temperature"
 ALPHA_KEY = "distill.alpha"
 
 
-def summarize(study: optuna.Study, metric: str, tracking_uri: str) -> str:
-    """Format the sweep's result table from the trials' stored metrics, with the MLflow run of each row."""
+def summarize(study: optuna.Study, metrics: list[str], tracking_uri: str) -> str:
+    """Format the sweep's result table from the trials' stored metrics, with the MLflow run of each row.
+
+    A single-objective study shows the teacher, the alpha = 0 baseline and the best distilled
+    student; a multi-objective study shows its Pareto front.
+    """
     trials = study.get_trials(deepcopy=False)
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
     lines = [
         f"Study {study.study_name}: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.FAIL]} failed, "
         f"{counts[TrialState.PRUNED]} pruned"
     ]
+    if len(metrics) > 1:
+        lines += _pareto_front_table(study, metrics)
+    else:
+        lines += _best_table(study, metrics[0], [t for t in trials if t.state == TrialState.COMPLETE])
+    lines.append(f"Open the MLflow UI on this store: {ui_command(tracking_uri)}")
+    return "\n".join(lines)
 
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+
+def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial]) -> list[str]:
+    lines = []
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     baseline = _best([t for t in completed if _alpha(t) == 0], maximize)
     distilled = _best([t for t in completed if (_alpha(t) or 0) > 0], maximize)
@@ -38,13 +50,26 @@ def summarize(study: optuna.Study, metric: str, tracking_uri: str) -> str:
                      _number(trial.value), _number(trial.user_attrs["metrics"].get("test/acc")),
                      trial.user_attrs.get("mlflow_run_id") or ""))
 
-    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines += _format_table(header, rows)
     if baseline is None:
         lines.append(f"No alpha = 0 baseline ran; add {ALPHA_KEY}: 0.0 to hydra.sweeper.enqueue to include one.")
-    lines.append(f"Open the MLflow UI on this store: {ui_command(tracking_uri)}")
-    return "\n".join(lines)
+    return lines
+
+
+def _pareto_front_table(study: optuna.Study, metrics: list[str]) -> list[str]:
+    header = ("Pareto front", "T", "alpha", *metrics, "test/acc", "MLflow run")
+    rows = []
+    for trial in sorted(study.best_trials, key=lambda t: t.number):
+        distill = trial.user_attrs.get("distill", {})
+        rows.append((f"trial {trial.number}", _number(distill.get(TEMPERATURE_KEY)), _number(distill.get(ALPHA_KEY)),
+                     *(_number(value) for value in trial.values), _number(trial.user_attrs["metrics"].get("test/acc")),
+                     trial.user_attrs.get("mlflow_run_id") or ""))
+    return _format_table(header, rows)
+
+
+def _format_table(header: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
 
 
 def ui_command(tracking_uri: str) -> str:

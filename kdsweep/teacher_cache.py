@@ -61,8 +61,13 @@ class TeacherCache:
         weights, metadata = self._paths(key)
         if not (weights.exists() and metadata.exists()):
             return None
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        return state_dict, CachedTeacher(**json.loads(metadata.read_text()))
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+            entry = CachedTeacher(**json.loads(metadata.read_text()))
+        except Exception as error:  # torch and json raise many types for a damaged file.
+            raise RuntimeError(f"cached teacher {weights} cannot be read ({type(error).__name__}: {error}); "
+                               f"delete {weights} and {metadata} to train it again") from None
+        return state_dict, entry
 
     def save(self, state_dict: dict[str, torch.Tensor], entry: CachedTeacher) -> None:
         """Write the weights, then the metadata, each atomically; the metadata marks the entry complete."""

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -25,6 +25,9 @@ TEACHER_RUN_TAG = "kdsweep.teacher_run_id"
 TEACHER_KEY_TAG = "kdsweep.teacher_key"
 STUDY_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
+TRIAL_STATE_TAG = "optuna.trial_state"
+FAIL_REASON_TAG = "kdsweep.fail_reason"
+STOP_REASON_TAG = "kdsweep.stop_reason"
 CONFIG_ARTIFACT = "config.yaml"
 
 # A sweep passes its MLflow parent run and the Optuna trial to each trial job through these
@@ -138,17 +141,32 @@ def log_config(logger: RunLogger, cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def run_status(logger: RunLogger) -> Iterator[None]:
-    """End the logger's MLflow run as FINISHED, or as FAILED (KILLED on Ctrl-C) when the block raises."""
+def run_status(logger: RunLogger, *, pruned: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """End the logger's MLflow run as FINISHED, or by how the block raised.
+
+    An exception of a type in ``pruned`` ends the run as KILLED with the tag ``optuna.trial_state``
+    set to PRUNED, Ctrl-C (or SystemExit) ends it as KILLED, and any other exception as FAILED with
+    the reason in the tag ``kdsweep.fail_reason``. The exception is raised again in every case.
+    """
     try:
         yield
-    except KeyboardInterrupt:
+    except pruned as error:
+        logger.experiment.set_tag(logger.run_id, TRIAL_STATE_TAG, "PRUNED")
+        logger.experiment.set_tag(logger.run_id, STOP_REASON_TAG, _truncate(str(error)))
         _terminate(logger, RunStatus.to_string(RunStatus.KILLED))
         raise
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit into SystemExit.
+        _terminate(logger, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as error:
+        logger.experiment.set_tag(logger.run_id, FAIL_REASON_TAG, _truncate(f"{type(error).__name__}: {error}"))
         _terminate(logger, RunStatus.to_string(RunStatus.FAILED))
         raise
     _terminate(logger, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
 
 
 def _terminate(logger: RunLogger, status: str) -> None:

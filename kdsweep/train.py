@@ -5,22 +5,28 @@ the student's final metrics; the sweeper reads its objective from them.
 """
 
 import logging
+import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import optuna
 import pytorch_lightning as pl
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdsweep import tracking
+from kdsweep import optuna_trial, tracking
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
 from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits
-from kdsweep.models import build_model
+from kdsweep.models import build_model, count_parameters
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
 
 log = logging.getLogger(__name__)
+
+# The student's number of parameters, a model property that a multi-objective sweep may minimise.
+PARAMETER_COUNT_METRIC = "model/parameters"
 
 
 @dataclass
@@ -41,14 +47,37 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_config(cfg)
     try:
         splits = load_splits(cfg.data)
-    except DatasetNotFoundError as error:
+    except (DatasetNotFoundError, ValueError) as error:  # The split helpers name the data.* key.
         raise ConfigError(str(error)) from None
     student = _seeded_model(cfg, "student", splits)
     teacher = _seeded_model(cfg, "teacher", splits)
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
+    _check_trainer(cfg)
+    _check_cache_folder(Path(to_absolute_path(cfg.teacher_cache_dir)))
     return Prepared(splits=splits, teacher=teacher, student=student)
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Build a Trainer from the trainer settings once, so that invalid ones fail before any run starts."""
+    try:
+        pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False, enable_checkpointing=False,
+                   enable_model_summary=False)
+    except Exception as error:  # Lightning raises several types for unusable accelerators and devices.
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
+
+
+def _check_cache_folder(folder: Path) -> None:
+    """Check that the cache folder exists or can be created, without creating it."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"teacher_cache_dir={str(folder)!r}: cannot be created, because {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"teacher_cache_dir={str(folder)!r}: {existing} is not writable")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -112,11 +141,18 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
     if teacher_entry is not None:
         tags[tracking.TEACHER_RUN_TAG] = teacher_entry.run_id
         tags[tracking.TEACHER_KEY_TAG] = teacher_entry.key
-    trial = tags.get(tracking.TRIAL_NUMBER_TAG)
-    logger = tracking.create_logger(cfg.tracking, role="student",
-                                    run_name=f"trial-{trial}" if trial is not None else "student", tags=tags)
+    trial_number = tags.get(tracking.TRIAL_NUMBER_TAG)
+    logger = tracking.create_logger(cfg.tracking, role="student", tags=tags,
+                                    run_name=f"trial-{trial_number}" if trial_number is not None else "student")
     tracking.log_config(logger, cfg)
-    with tracking.run_status(logger):
+    callbacks = []
+    trial = optuna_trial.trial_from_environment()
+    if trial is not None:
+        trial, monitor = trial
+        trial.set_user_attr("mlflow_run_id", logger.run_id)
+        if len(trial.study.directions) == 1:  # Optuna takes intermediate values from single-objective trials only.
+            callbacks.append(optuna_trial.PruningCallback(trial, monitor))
+    with tracking.run_status(logger, pruned=(optuna.TrialPruned,)):
         module = DistillationModule(
             student,
             instantiate(cfg.student.optimizer),
@@ -126,7 +162,9 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
             alpha=cfg.distill.alpha,
         )
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        metrics = _fit_and_test(cfg, module, logger, splits, cfg.student)
+        metrics = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
+        metrics[PARAMETER_COUNT_METRIC] = float(count_parameters(student))
+        logger.log_metrics({PARAMETER_COUNT_METRIC: metrics[PARAMETER_COUNT_METRIC]})
     log.info("Student run %s finished: val/acc %.4f, test/acc %.4f", logger.run_id, metrics["val/acc"],
              metrics["test/acc"])
     return {
@@ -139,12 +177,13 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
 
 
 def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.RunLogger, splits: DataSplits,
-                  training: DictConfig) -> dict[str, float]:
+                  training: DictConfig, callbacks: Optional[list[pl.Callback]] = None) -> dict[str, float]:
     """Fit for ``training.max_epochs``, then test; return the final validation and test metrics."""
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=training.max_epochs,
         logger=logger,
+        callbacks=callbacks or [],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -4,6 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # See OMP_NUM_THREADS in run_kdsweep.
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
@@ -12,22 +15,41 @@ MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
 FAST = ["trainer.enable_progress_bar=false", "teacher.max_epochs=2", "student.max_epochs=2"]
 
 
-def run_kdsweep(arguments: list[str], cwd: Path, timeout: float = 300,
-                environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``kdsweep`` command in ``cwd``, by default with MLflow's default store in that folder.
+def kdsweep_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment for a kdsweep command in a test: no inherited MLflow or sweep settings.
 
     ``tests/models`` is importable in the command, so configs can name the test networks there.
     """
-    environment = {
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KDSWEEP_"))},
         "PYTHONUNBUFFERED": "1",
+        # pytest-xdist runs two tests at once on two cores, and OpenMP threads that outnumber the
+        # cores spin against each other: one thread per process keeps every test fast.
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(CHECKOUT / "tests" / "models"),
-        **(environment or {}),
+        **(extra or {}),
     }
+
+
+def start_kdsweep(arguments: list[str], cwd: Path, log_name: str) -> subprocess.Popen:
+    """Start the real ``kdsweep`` command in the background, its output going to ``cwd/log_name``."""
+    with open(cwd / log_name, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *arguments], cwd=cwd,
+                                env=kdsweep_environment(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_success(process: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    process.wait(timeout=timeout)
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+def run_kdsweep(arguments: list[str], cwd: Path, timeout: float = 300,
+                environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``kdsweep`` command in ``cwd``, by default with MLflow's default store in that folder."""
     return subprocess.run(
         [sys.executable, "-m", "kdsweep.cli", *arguments],
         cwd=cwd,
-        env=environment,
+        env=kdsweep_environment(environment),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,19 +1,23 @@
 """The study loop: ask Optuna for a trial, launch it as a Hydra job, tell Optuna its result.
 
 Each trial job is one kdsweep run (see ``kdsweep.train``). It logs a nested MLflow run under the
-sweep's parent run and returns its metrics, one of which the study optimises.
+sweep's parent run, reports its validation metric to its trial after every epoch (for the pruner),
+and returns its final metrics, from which the study takes its objectives.
 """
 
 import logging
 import math
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
@@ -24,17 +28,42 @@ from hydra_plugins.kdsweep_optuna_sweeper._search_space import (
     describe,
     format_override_value,
 )
-from kdsweep import summary, tracking
+from hydra_plugins.kdsweep_optuna_sweeper._study_tools import (
+    fail_orphaned_trials,
+    mark_trial_owner,
+    trial_claim_lock,
+    write_plots,
+    write_results,
+)
+from kdsweep import optuna_trial, summary, tracking
 from kdsweep.checks import ConfigError, exit_on_config_error
 
 log = logging.getLogger(__name__)
 
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its stop call, which works only inside ``study.optimize``.
+
+    The sweeper asks ``is_exhausted`` before each trial instead.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 DIRECTIONS = ("maximize", "minimize")
-SAMPLERS = ("tpe", "random", "qmc", "gp", "nsgaii", "grid")
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "grid": AskTellGridSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "nsgaii": optuna.samplers.NSGAIISampler,
+}
 
 
-class SweepFailedError(RuntimeError):
+class SweepFailedError(CompactHydraException):
     """Too many trials of a sweep failed."""
 
 
@@ -42,25 +71,31 @@ class OptunaSweeperImpl(Sweeper):
     def __init__(
         self,
         params: DictConfig,
-        metric: str,
-        direction: str,
+        metric: Any,
+        direction: Any,
         n_trials: int,
+        n_jobs: int,
         sampler: str,
         sampler_options: DictConfig,
         seed: Optional[int],
+        pruner: str,
+        pruner_options: DictConfig,
         enqueue: Any,
         storage: Optional[str],
         study_name: str,
         max_failure_rate: float,
     ) -> None:
-        self.params = OmegaConf.to_container(params, resolve=True) if params else {}
-        self.metric = metric
-        self.direction = direction
+        self.params = _plain(params) or {}
+        self.metrics = _as_list(metric)
+        self.directions = _as_list(direction)
         self.n_trials = n_trials
+        self.n_jobs = n_jobs
         self.sampler_name = sampler
-        self.sampler_options = OmegaConf.to_container(sampler_options, resolve=True) if sampler_options else {}
+        self.sampler_options = _plain(sampler_options) or {}
         self.seed = seed
-        self.enqueue = OmegaConf.to_container(enqueue, resolve=True) if enqueue else []
+        self.pruner_name = pruner
+        self.pruner_options = _plain(pruner_options) or {}
+        self.enqueue = _plain(enqueue) or []
         self.storage = storage
         self.study_name = study_name
         self.max_failure_rate = max_failure_rate
@@ -68,6 +103,7 @@ class OptunaSweeperImpl(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -81,28 +117,28 @@ class OptunaSweeperImpl(Sweeper):
                                   "e.g. distill.alpha=interval(0,1)")
             base_cfg = self._check_trial_configs(space)
             self._check_enqueued_points(space)
+            self.location = optuna_trial.storage_location(self.storage)
             study = self._open_study(space)
 
-        client = tracking.client_for(base_cfg.tracking)
-        parent_run_id = self._open_parent_run(client, study, space, base_cfg)
+        client, parent_run_id = self._open_parent_run(study, space, base_cfg)
+        self._end_orphaned_trials(client, study)
         log.info(
-            "Study %s (storage %s, sampler %s, %s %s, %d trials) logging to MLflow experiment %s, parent run %s",
-            self.study_name, self._storage_description(), self.sampler_name, self.direction, self.metric,
-            self.n_trials, base_cfg.tracking.experiment, parent_run_id,
+            "Study %s (storage %s, sampler %s, pruner %s, %s %s, %d trials, %d at once) logging to MLflow "
+            "experiment %s, parent run %s",
+            self.study_name, self.location, self.sampler_name, self.pruner_name, "/".join(self.directions),
+            "/".join(self.metrics), self.n_trials, self.n_jobs, base_cfg.tracking.experiment, parent_run_id,
         )
+        self.started_here: set[int] = set()
         try:
-            results = self._run_trials(study, space, parent_run_id)
-        except BaseException:
-            client.set_terminated(parent_run_id, "FAILED")
+            results = self._run_trials(study, space, parent_run_id, base_cfg)
+        except BaseException as error:
+            interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            self._fail_unfinished_trials(study, "the sweep was interrupted" if interrupted else
+                                         f"the sweep stopped ({type(error).__name__})")
+            client.set_terminated(parent_run_id, "KILLED" if interrupted else "FAILED")
             raise
 
-        table = summary.summarize(study, self.metric, tracking.resolve_tracking_uri(base_cfg.tracking.uri))
-        print(table)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "summary.txt").write_text(table + "\n")
-        client.log_artifact(parent_run_id, str(sweep_dir / "summary.txt"))
-        self._log_best(client, study, parent_run_id)
+        self._report(client, study, parent_run_id, base_cfg)
         client.set_terminated(parent_run_id, "FINISHED")
         return results
 
@@ -111,15 +147,34 @@ class OptunaSweeperImpl(Sweeper):
     def _check_settings(self) -> None:
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials!r}: must be a whole number >= 1")
-        if self.direction not in DIRECTIONS:
-            raise ConfigError(f"hydra.sweeper.direction={self.direction!r}: choose maximize or minimize")
-        if not self.metric or self.metric.startswith("test/"):
-            raise ConfigError(f"hydra.sweeper.metric={self.metric!r}: optimise a validation metric such as "
-                              f"val/acc; the test split is only reported")
+        if not isinstance(self.n_jobs, int) or self.n_jobs < 1:
+            raise ConfigError(f"hydra.sweeper.n_jobs={self.n_jobs!r}: must be a whole number >= 1")
+        for direction in self.directions:
+            if direction not in DIRECTIONS:
+                raise ConfigError(f"hydra.sweeper.direction={direction!r}: choose maximize or minimize")
+        if len(self.directions) != len(self.metrics):
+            raise ConfigError(f"hydra.sweeper.direction={self.directions}: give one direction per metric "
+                              f"in hydra.sweeper.metric={self.metrics}")
+        for metric in self.metrics:
+            if not metric or str(metric).startswith("test/"):
+                raise ConfigError(f"hydra.sweeper.metric={metric!r}: optimise a validation metric such as "
+                                  f"val/acc; the test split is only reported")
         if self.sampler_name not in SAMPLERS:
             raise ConfigError(f"hydra.sweeper.sampler={self.sampler_name!r}: choose one of {', '.join(SAMPLERS)}")
-        if not 0.0 <= self.max_failure_rate <= 1.0:
-            raise ConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: must be in [0, 1]")
+        if self.pruner_name not in optuna_trial.PRUNERS:
+            raise ConfigError(f"hydra.sweeper.pruner={self.pruner_name!r}: choose one of "
+                              f"{', '.join(optuna_trial.PRUNERS)}")
+        if self.pruner_name != "none" and len(self.metrics) > 1:
+            raise ConfigError(f"hydra.sweeper.pruner={self.pruner_name!r}: Optuna cannot prune a multi-objective "
+                              f"study; set hydra.sweeper.pruner=none or optimise one metric")
+        try:
+            optuna_trial.make_pruner(self.pruner_name, self.pruner_options)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"hydra.sweeper.pruner_options={self.pruner_options}: invalid for pruner "
+                              f"{self.pruner_name} ({error})") from None
+        rate = self.max_failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r}: must be a number in [0, 1]")
 
     def _check_enqueued_points(self, space: SearchSpace) -> None:
         for index, point in enumerate(self.enqueue):
@@ -152,121 +207,202 @@ class OptunaSweeperImpl(Sweeper):
     # The study and its MLflow parent run.
 
     def _open_study(self, space: SearchSpace) -> optuna.Study:
+        sampler = self._make_sampler(space, self.seed)
+        pruner = optuna_trial.make_pruner(self.pruner_name, self.pruner_options)
+        where = f"hydra.sweeper.storage={self.storage!r}"
+        if "://" not in self.location:
+            path = Path(self.location)
+            if not path.parent.is_dir():
+                raise ConfigError(f"{where}: folder {path.parent} does not exist")
+            if path.is_dir():
+                raise ConfigError(f"{where}: {path} is a folder; give the path of a journal file")
         try:
-            study = optuna.create_study(
-                study_name=self.study_name,
-                storage=self._open_storage(),
-                sampler=self._make_sampler(space),
-                direction=self.direction,
-                load_if_exists=True,
-            )
-        except ValueError as error:  # For example a stored study with the other direction.
-            raise ConfigError(f"hydra.sweeper.study_name={self.study_name!r}: {error}") from None
+            # Locked, because processes that create a new database's tables at once collide.
+            with trial_claim_lock(self.location):
+                storage = optuna_trial.open_storage(self.location)
+                study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                            pruner=pruner, directions=self.directions, load_if_exists=True)
+        except Exception as error:  # SQLAlchemy, the database drivers and the journal raise many types here.
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise ConfigError(f"{where}: cannot be opened as an Optuna storage "
+                              f"({type(error).__name__}: {first_line})") from None
+
+        stored = [direction.name.lower() for direction in study.directions]
+        if stored != self.directions:
+            raise ConfigError(f"hydra.sweeper.direction={self.directions}: study {self.study_name!r} was created "
+                              f"with {stored}; use those directions or a new hydra.sweeper.study_name")
+        if study.trials and self.seed is not None:
+            # A resumed study draws from a seed moved on by its trial count, so it does not repeat
+            # the points of its first session, and a rerun of the same history still repeats exactly.
+            study.sampler = self._make_sampler(space, self.seed + len(study.trials))
         for point in self.enqueue:
             study.enqueue_trial(point, skip_if_exists=True)
         return study
 
-    def _open_storage(self) -> optuna.storages.BaseStorage:
-        if self.storage and "://" in self.storage:
-            try:
-                return optuna.storages.RDBStorage(self.storage)
-            except Exception as error:  # SQLAlchemy raises many types for a URL it cannot open.
-                raise ConfigError(f"hydra.sweeper.storage={self.storage!r}: cannot be opened "
-                                  f"({type(error).__name__}: {error})") from None
-        path = Path(self.storage or "optuna.journal").expanduser().absolute()
-        if not path.parent.is_dir():
-            raise ConfigError(f"hydra.sweeper.storage={self.storage!r}: folder {path.parent} does not exist")
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.JournalStorage(backend)
-
-    def _storage_description(self) -> str:
-        return self.storage or str(Path("optuna.journal").absolute())
-
-    def _make_sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
-        options = {"seed": self.seed, **self.sampler_options}
-        if self.sampler_name == "grid":
-            return optuna.samplers.GridSampler(_grid(space), **options)
-        sampler_class = {
-            "tpe": optuna.samplers.TPESampler,
-            "random": optuna.samplers.RandomSampler,
-            "qmc": optuna.samplers.QMCSampler,
-            "gp": optuna.samplers.GPSampler,
-            "nsgaii": optuna.samplers.NSGAIISampler,
-        }[self.sampler_name]
+    def _make_sampler(self, space: SearchSpace, seed: Optional[int]) -> optuna.samplers.BaseSampler:
+        options = {"seed": seed, **self.sampler_options}
+        sampler_class = SAMPLERS[self.sampler_name]
         try:
+            if self.sampler_name == "grid":
+                return sampler_class(_grid(space), **options)
             return sampler_class(**options)
-        except TypeError as error:
-            raise ConfigError(f"hydra.sweeper.sampler_options={self.sampler_options}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"hydra.sweeper.sampler_options={self.sampler_options}: invalid for sampler "
+                              f"{self.sampler_name} ({error})") from None
 
-    def _open_parent_run(self, client, study: optuna.Study, space: SearchSpace, base_cfg: DictConfig) -> str:
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        if run_id and tracking.run_exists(client, run_id):
-            client.update_run(run_id, status="RUNNING")
-            log.info("Continuing study %s and its MLflow parent run %s", self.study_name, run_id)
-            return run_id
+    def _open_parent_run(self, study: optuna.Study, space: SearchSpace, base_cfg: DictConfig) -> tuple[Any, str]:
+        """Return an MLflow client and the sweep's parent run, created on the study's first sweep."""
+        with trial_claim_lock(self.location):
+            # Under the lock, because MLflow creates a new SQLite store's tables on first use,
+            # and two processes doing so at once collide.
+            client = tracking.client_for(base_cfg.tracking)
+            run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+            if run_id and tracking.run_exists(client, run_id):
+                client.update_run(run_id, status="RUNNING")
+                log.info("Continuing study %s and its MLflow parent run %s", self.study_name, run_id)
+                return client, run_id
 
-        tags = {tracking.ROLE_TAG: "sweep", tracking.STUDY_TAG: self.study_name}
-        commit = tracking.git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        experiment = tracking.experiment_id(client, base_cfg.tracking.experiment)
-        run_id = client.create_run(experiment, run_name=self.study_name, tags=tags).info.run_id
-        params = {f"sweeper.{key}": str(value) for key, value in self._describe(space).items()}
-        task_cfg = OmegaConf.masked_copy(base_cfg, [k for k in base_cfg if k != "hydra"])
-        params.update(tracking.flatten_config(task_cfg))
-        tracking.log_params(client, run_id, params)
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
-        return run_id
+            tags = {tracking.ROLE_TAG: "sweep", tracking.STUDY_TAG: self.study_name}
+            commit = tracking.git_commit()
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+            experiment = tracking.experiment_id(client, base_cfg.tracking.experiment)
+            run_id = client.create_run(experiment, run_name=self.study_name, tags=tags).info.run_id
+            params = {f"sweeper.{key}": str(value) for key, value in self._describe(space).items()}
+            task_cfg = OmegaConf.masked_copy(base_cfg, [k for k in base_cfg if k != "hydra"])
+            params.update(tracking.flatten_config(task_cfg))
+            tracking.log_params(client, run_id, params)
+            study.set_user_attr(PARENT_RUN_ATTR, run_id)
+            return client, run_id
 
     def _describe(self, space: SearchSpace) -> dict[str, Any]:
         described = {
-            "study_name": self.study_name, "storage": self._storage_description(), "sampler": self.sampler_name,
-            "seed": self.seed, "n_trials": self.n_trials, "metric": self.metric, "direction": self.direction,
+            "study_name": self.study_name, "storage": self.location, "sampler": self.sampler_name,
+            "seed": self.seed, "pruner": self.pruner_name, "n_trials": self.n_trials, "n_jobs": self.n_jobs,
+            "metric": ",".join(self.metrics), "direction": ",".join(self.directions),
         }
         described.update({f"params.{key}": describe(dist) for key, dist in space.distributions.items()})
         return described
 
+    def _end_orphaned_trials(self, client, study: optuna.Study) -> None:
+        """Fail the trials a killed sweep left RUNNING, and end their MLflow runs as KILLED."""
+        with trial_claim_lock(self.location):
+            orphaned = fail_orphaned_trials(study)
+        for trial in orphaned:
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id and tracking.run_exists(client, run_id):
+                client.set_tag(run_id, tracking.TRIAL_STATE_TAG, "FAIL")
+                client.set_terminated(run_id, "KILLED")
+
     # The trials.
 
-    def _run_trials(self, study: optuna.Study, space: SearchSpace, parent_run_id: str) -> list[Any]:
+    def _run_trials(self, study: optuna.Study, space: SearchSpace, parent_run_id: str,
+                    base_cfg: DictConfig) -> list[Any]:
+        if self.n_jobs == 1:
+            return self._run_trials_in_launcher(study, space, parent_run_id)
+
+        from hydra_plugins.kdsweep_optuna_sweeper._workers import TrialProcessPool
+
+        devices = base_cfg.trainer.get("devices", 1)
+        pool = TrialProcessPool(self.n_jobs, self.hydra_context, self.config, self.task_function,
+                                devices_per_trial=devices if isinstance(devices, int) and devices > 0 else 1)
+        results: list[Any] = []
+        running: dict[Future, optuna.Trial] = {}
+        stopped = False
+        try:
+            while True:
+                while len(running) < self.n_jobs:
+                    trial = self._claim_trial(study, space)
+                    if trial is None:
+                        break
+                    running[pool.submit(self._trial_overrides(trial, space, parent_run_id), trial.number)] = trial
+                if not running:
+                    return results
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    trial = running.pop(future)
+                    try:
+                        job = pool.job_return(future)
+                    except Exception as error:  # The worker process died or its result could not be sent back.
+                        results.append(self._fail(study, trial, f"{type(error).__name__}: {error}"))
+                    else:
+                        results.append(self._tell(study, trial, job))
+                self._check_failure_rate(study)
+        except BaseException:
+            stopped = True
+            pool.shutdown(cancel=True)
+            raise
+        finally:
+            if not stopped:
+                pool.shutdown(cancel=False)
+
+    def _run_trials_in_launcher(self, study: optuna.Study, space: SearchSpace, parent_run_id: str) -> list[Any]:
         results = []
-        sampler = study.sampler
-        while _count(study, finished=True) < self.n_trials:
-            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-                log.info("The grid is exhausted after %d trials", _count(study, finished=True))
-                break
-            trial = study.ask(space.distributions)
-            overrides = [*space.fixed, *(f"{k}={format_override_value(v)}" for k, v in trial.params.items())]
-            overrides += [
-                f"++hydra.job.env_set.{tracking.PARENT_RUN_ENV}={parent_run_id}",
-                f"++hydra.job.env_set.{tracking.STUDY_NAME_ENV}={format_override_value(self.study_name)}",
-                f"++hydra.job.env_set.{tracking.TRIAL_NUMBER_ENV}={trial.number}",
-            ]
+        while (trial := self._claim_trial(study, space)) is not None:
+            overrides = self._trial_overrides(trial, space, parent_run_id)
             (job,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
             results.append(self._tell(study, trial, job))
             self._check_failure_rate(study)
         return results
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, job) -> Any:
+    def _claim_trial(self, study: optuna.Study, space: SearchSpace) -> Optional[optuna.Trial]:
+        """Ask for the next trial unless the study already has n_trials trials, counting other processes'."""
+        with trial_claim_lock(self.location):
+            sampler = study.sampler
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                log.info("The grid is exhausted")
+                return None
+            claimed = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+            if len(claimed) >= self.n_trials:
+                return None
+            trial = study.ask(space.distributions)
+            mark_trial_owner(trial)
+            self.started_here.add(trial.number)
+            return trial
+
+    def _trial_overrides(self, trial: optuna.Trial, space: SearchSpace, parent_run_id: str) -> list[str]:
+        settings = optuna_trial.trial_settings(self.location, self.study_name, trial._trial_id, self.metrics[0],
+                                               self.pruner_name, self.pruner_options)
+        environment = {
+            tracking.PARENT_RUN_ENV: parent_run_id,
+            tracking.STUDY_NAME_ENV: self.study_name,
+            tracking.TRIAL_NUMBER_ENV: trial.number,
+            optuna_trial.TRIAL_ENV: settings,
+        }
+        return [
+            *space.fixed,
+            *(f"{key}={format_override_value(value)}" for key, value in trial.params.items()),
+            *(f"++hydra.job.env_set.{key}={format_override_value(str(value))}" for key, value in environment.items()),
+        ]
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, job: JobReturn) -> Any:
         try:
+            if job.status != JobStatus.COMPLETED:
+                # JobReturn keeps a failed job's exception here; its public getter also prints it.
+                raise job._return_value
             result = job.return_value
-        except Exception as error:  # The job's own exception, re-raised by JobReturn.
+        except optuna.TrialPruned as pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info("Trial %d finished: %s, state=PRUNED (%s)", trial.number, _describe_params(trial.params), pruned)
+            return None
+        except Exception as error:  # The job's own exception, raised again by JobReturn.
             return self._fail(study, trial, f"{type(error).__name__}: {error}")
 
         metrics = result.get("metrics", {}) if isinstance(result, dict) else {}
-        if self.metric not in metrics:
-            return self._fail(study, trial, f"the job returned no {self.metric!r}; it returned {sorted(metrics)}")
-        value = float(metrics[self.metric])
-        if not math.isfinite(value):
-            return self._fail(study, trial, f"{self.metric} is {value}")
+        missing = [metric for metric in self.metrics if metric not in metrics]
+        if missing:
+            return self._fail(study, trial, f"the job returned no {missing}; it returned {sorted(metrics)}")
+        values = [float(metrics[metric]) for metric in self.metrics]
+        if not all(math.isfinite(value) for value in values):
+            return self._fail(study, trial, f"{self.metrics} = {values}")
 
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("mlflow_run_id", result.get("run_id"))
         trial.set_user_attr("teacher", result.get("teacher"))
         trial.set_user_attr("distill", result.get("distill"))
-        study.tell(trial, value)
-        log.info("Trial %d finished: %s, %s=%.4f, state=COMPLETE", trial.number, _describe_params(trial.params),
-                 self.metric, value)
+        study.tell(trial, values if len(values) > 1 else values[0])
+        scores = ", ".join(f"{metric}={value:.4f}" for metric, value in zip(self.metrics, values))
+        log.info("Trial %d finished: %s, %s, state=COMPLETE", trial.number, _describe_params(trial.params), scores)
         return result
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
@@ -276,7 +412,12 @@ class OptunaSweeperImpl(Sweeper):
         return None
 
     def _check_failure_rate(self, study: optuna.Study) -> None:
-        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        """Stop the sweep when too many of the trials this process ran have failed.
+
+        Trials of earlier sessions do not count, so a study with old failures can still continue.
+        """
+        finished = [t for t in study.get_trials(deepcopy=False)
+                    if t.number in self.started_here and t.state.is_finished()]
         failed = [t for t in finished if t.state == TrialState.FAIL]
         if failed and len(failed) / len(finished) > self.max_failure_rate:
             reasons = "; ".join(f"trial {t.number}: {t.user_attrs.get('fail_reason', 'unknown')}" for t in failed)
@@ -285,19 +426,49 @@ class OptunaSweeperImpl(Sweeper):
                 f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: {reasons}"
             )
 
-    def _log_best(self, client, study: optuna.Study, parent_run_id: str) -> None:
+    def _fail_unfinished_trials(self, study: optuna.Study, reason: str) -> None:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in self.started_here:
+                continue
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            log.warning("Trial %d finished: state=FAIL (%s)", trial.number, reason)
+
+    # The results.
+
+    def _report(self, client, study: optuna.Study, parent_run_id: str, base_cfg: DictConfig) -> None:
+        """Print the summary table, and write and log the results file, the table and the plots."""
+        uri = tracking.resolve_tracking_uri(base_cfg.tracking.uri)
+        table = summary.summarize(study, self.metrics, uri)
+        print(table)
+        folder = Path(str(self.config.hydra.sweep.dir))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.txt").write_text(table + "\n")
+        files = [folder / "summary.txt", write_results(study, folder)]
+        files += write_plots(study, folder, summary.TEMPERATURE_KEY, summary.ALPHA_KEY)
+        for path in files:
+            client.log_artifact(parent_run_id, str(path))
+        log.info("Results, table and plots written to %s and logged to MLflow run %s", folder, parent_run_id)
+
         completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not completed:
-            return
-        best = study.best_trial
-        client.log_metric(parent_run_id, f"best/{self.metric}", best.value)
-        client.set_tag(parent_run_id, "optuna.best_trial_number", str(best.number))
-        for key, value in best.params.items():
-            client.set_tag(parent_run_id, f"optuna.best.{key}", str(value))
+        if completed and len(self.metrics) == 1:
+            best = study.best_trial
+            client.log_metric(parent_run_id, f"best/{self.metrics[0]}", best.value)
+            client.set_tag(parent_run_id, "optuna.best_trial_number", str(best.number))
+            for key, value in best.params.items():
+                client.set_tag(parent_run_id, f"optuna.best.{key}", str(value))
 
 
-def _count(study: optuna.Study, *, finished: bool) -> int:
-    return sum(t.state.is_finished() == finished for t in study.get_trials(deepcopy=False))
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _as_list(value: Any) -> list[Any]:
+    value = _plain(value)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _describe_params(params: dict[str, Any]) -> str:

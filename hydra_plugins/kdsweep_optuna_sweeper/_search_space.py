@@ -65,7 +65,8 @@ def to_distribution(key: str, sweep: Any) -> BaseDistribution:
     if isinstance(sweep, ChoiceSweep):
         if log:
             raise ConfigError(f"{where}: tag(log, ...) applies to interval() and range(), not to choice()")
-        return CategoricalDistribution(list(sweep.list))
+        # Optuna stores only scalar choices, so a list or dict choice is kept as its override text.
+        return CategoricalDistribution([_as_scalar(value) for value in sweep.list])
 
     if isinstance(sweep, IntervalSweep):
         low, high = float(sweep.start), float(sweep.end)
@@ -98,6 +99,14 @@ def _range_distribution(where: str, sweep: RangeSweep, log: bool) -> BaseDistrib
     return FloatDistribution(float(start), float(last), step=float(step))
 
 
+class OverrideText(str):
+    """A choice kept as the override text of a list or dict, written back without quotes."""
+
+
+def _as_scalar(value: Any) -> Any:
+    return OverrideText(format_override_value(value)) if isinstance(value, (list, tuple, dict)) else value
+
+
 def corner_values(distribution: BaseDistribution) -> list[Any]:
     """Return the extreme values of a distribution (every choice of a categorical one)."""
     if isinstance(distribution, CategoricalDistribution):
@@ -126,6 +135,13 @@ def format_override_value(value: Any) -> str:
         return "null"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(format_override_value(item) for item in value)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {format_override_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, OverrideText):
+        return str(value)
     text = str(value)
     escaped = text.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+

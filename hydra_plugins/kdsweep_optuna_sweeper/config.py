@@ -16,18 +16,27 @@ class OptunaSweeperConf:
     # Sweep overrides on the command line are added to it and win over it.
     params: dict[str, str] = field(default_factory=dict)
 
-    # The metric that the trial job returns and the study optimises. Only validation metrics
-    # may be optimised: test metrics are reported, never optimised on.
-    metric: str = "val/acc"
-    direction: str = "maximize"
+    # The metric that the trial job returns and the study optimises, or a list of metrics for a
+    # multi-objective study (with one direction each). Only validation metrics and model
+    # properties may be optimised: test metrics are reported, never optimised on.
+    metric: Any = "val/acc"
+    direction: Any = "maximize"
 
-    # The study's total number of finished trials: rerunning a study continues it up to this count.
+    # The study's total number of trials: rerunning a study continues it up to this count, and
+    # several sweep processes on one study share it.
     n_trials: int = 20
+    # Trials run at once, each in its own process with its share of the CPU cores and its own GPUs.
+    n_jobs: int = 1
 
-    # One of tpe, random, qmc, gp, nsgaii, grid, seeded with `seed` so that a sweep repeats.
+    # One of tpe, random, grid, cmaes, gp, qmc, nsgaii, seeded with `seed` so that a sweep repeats.
     sampler: str = "tpe"
     sampler_options: dict[str, Any] = field(default_factory=dict)
     seed: Optional[int] = 0
+
+    # One of none, median, percentile, successive_halving, hyperband, with the pruner class's
+    # keyword arguments in pruner_options. Each trial reports the first metric after every epoch.
+    pruner: str = "none"
+    pruner_options: dict[str, Any] = field(default_factory=dict)
 
     # Points tried first when the study is new, e.g. [{"distill.alpha": 0.0}] for the baseline.
     enqueue: list[Any] = field(default_factory=list)

@@ -1,0 +1,101 @@
+"""Trial jobs in worker processes, so that ``n_jobs`` trials run at once and a new one starts as soon as any ends.
+
+Hydra's launchers run a batch of jobs and return when the whole batch is done. The sweeper instead
+submits one job at a time to a pool of ``n_jobs`` spawned processes and waits for the first to end.
+Each worker runs the job with Hydra's own ``run_job``, limits its CPU threads to its share of the
+cores, and, where GPUs exist, is given only its own GPUs through ``CUDA_VISIBLE_DEVICES``.
+"""
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Sequence
+
+import cloudpickle
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, run_job, setup_globals
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def gpu_slots(n_jobs: int, devices_per_trial: int) -> list[str]:
+    """Split the visible GPUs into one ``CUDA_VISIBLE_DEVICES`` value per worker ("" when there are none)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        return [""] * n_jobs
+    if devices_per_trial * n_jobs > count:
+        raise ValueError(f"{n_jobs} parallel trials of {devices_per_trial} GPU(s) each need "
+                         f"{devices_per_trial * n_jobs} GPUs; {count} are visible")
+    return [",".join(str(slot * devices_per_trial + i) for i in range(devices_per_trial)) for slot in range(n_jobs)]
+
+
+class TrialProcessPool:
+    """A pool of spawned processes, each running one trial job at a time."""
+
+    def __init__(self, n_jobs: int, hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
+                 devices_per_trial: int = 1) -> None:
+        context = multiprocessing.get_context("spawn")
+        slots = context.Queue()
+        for slot in gpu_slots(n_jobs, devices_per_trial):
+            slots.put(slot)
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+        self._executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context, initializer=_start_worker,
+                                             initargs=(slots, threads))
+        # cloudpickle, because the task function is the body of a @hydra.main function.
+        self._payload = cloudpickle.dumps((hydra_context, config, task_function))
+
+    def submit(self, overrides: Sequence[str], job_num: int) -> Future:
+        """Start one trial job; the future's result is a JobReturn with its status and return value."""
+        state = cloudpickle.dumps(Singleton.get_state())  # It contains OmegaConf's resolvers, local functions.
+        return self._executor.submit(_run_trial_job, self._payload, state, list(overrides), job_num)
+
+    @staticmethod
+    def job_return(future: Future) -> JobReturn:
+        status, value = cloudpickle.loads(future.result())
+        job = JobReturn()
+        job.status = status
+        job.return_value = value
+        return job
+
+    def shutdown(self, *, cancel: bool) -> None:
+        self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def _start_worker(slots: Any, threads: int) -> None:
+    _end_with_parent()
+    os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _end_with_parent() -> None:
+    """Ask Linux to stop this worker when the sweep process dies, so no trial runs on unobserved."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _run_trial_job(payload: bytes, singleton_state: bytes, overrides: list[str], job_num: int) -> bytes:
+    hydra_context, config, task_function = cloudpickle.loads(payload)
+    Singleton.set_state(cloudpickle.loads(singleton_state))
+    setup_globals()
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"trial_{job_num}"
+        sweep_config.hydra.job.num = job_num
+    HydraConfig.instance().set_config(sweep_config)
+    job = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    # Only the outcome travels back: the job's configs hold classes that plain pickle cannot send.
+    return cloudpickle.dumps((job.status, job._return_value))
