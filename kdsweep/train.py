@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # The student's number of parameters, a model property that a multi-objective sweep may minimise.
 PARAMETER_COUNT_METRIC = "model/parameters"
+# The metrics a student run returns that a sweep may optimise; val/agreement needs alpha > 0.
+OPTIMISABLE_METRICS = ("val/acc", "val/loss", "val/agreement", PARAMETER_COUNT_METRIC)
 
 
 @dataclass

@@ -53,6 +53,12 @@ CASES = {
                                ["hydra.sweeper.storage='/nonexistent/kdsweep/optuna.journal'", "does not exist"]),
     "failure rate above one": ([*SWEEP, *FAST, "hydra.sweeper.max_failure_rate=2"],
                                ["hydra.sweeper.max_failure_rate=2", "[0, 1]"]),
+    "unknown metric": ([*SWEEP, *FAST, "hydra.sweeper.metric=val/nothing"],
+                       ["hydra.sweeper.metric='val/nothing'", "val/acc"]),
+    "agreement with baseline": ([*SWEEP, *FAST, "hydra.sweeper.metric=val/agreement"],
+                                ["distill.alpha=0", "val/agreement"]),
+    "zero heartbeat interval": ([*SWEEP, *FAST, "hydra.sweeper.heartbeat_interval=0"],
+                                ["hydra.sweeper.heartbeat_interval=0", "> 0"]),
     "test metric objective": ([*SWEEP, *FAST, "hydra.sweeper.metric=test/acc"],
                               ["hydra.sweeper.metric='test/acc'", "validation"]),
 }

@@ -37,7 +37,7 @@ def test_digits_splits_are_disjoint():
             for x, y in zip(*part.tensors)}
     test_rows = [tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(*splits.test.tensors)]
 
-    # The digits data holds a few exact duplicate images, so allow a handful of coincidences.
+    # The digits data contains a few exact duplicate images, so allow a handful of coincidences.
     assert sum(row in rows for row in test_rows) <= 5
 
 

@@ -87,7 +87,7 @@ def test_alpha_one_is_pure_distillation():
     assert loss.total.item() == pytest.approx(loss.soft.item())
 
 
-def test_high_temperature_one_hot_teacher_is_finite_in_bfloat16():
+def test_one_hot_teacher_finite_in_bfloat16():
     student = torch.randn(4, 10).bfloat16()
     teacher = torch.full((4, 10), -1e4).bfloat16()
     teacher[:, 3] = 1e4

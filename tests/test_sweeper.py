@@ -2,6 +2,7 @@
 
 import signal
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import optuna
@@ -217,10 +218,11 @@ def make_sweeper(tmp_path: Path, **settings):
 
     defaults = dict(params={}, metric="val/acc", direction="maximize", n_trials=4, n_jobs=1, sampler="tpe",
                     sampler_options={}, seed=0, pruner="none", pruner_options={}, enqueue=[], storage=None,
-                    study_name=STUDY, max_failure_rate=0.0)
+                    study_name=STUDY, max_failure_rate=0.0, heartbeat_interval=60.0)
     sweeper = OptunaSweeperImpl(**{**defaults, **settings})
     sweeper.location = str(tmp_path / "optuna.journal")
     sweeper.started_here = set()
+    sweeper.heartbeat = SimpleNamespace(trial_ids=set())
     return sweeper
 
 
@@ -286,3 +288,35 @@ def test_direction_change_on_existing_study_rejected(kdsweep, tmp_path):
     assert result.returncode == 2
     assert "hydra.sweeper.direction=['minimize']" in result.stderr
     assert "['maximize']" in result.stderr
+
+
+def test_stale_trial_of_other_host_failed(tmp_path):
+    from hydra_plugins.kdsweep_optuna_sweeper._study_tools import fail_orphaned_trials
+
+    study = optuna.create_study()
+    stale, fresh = study.ask(), study.ask()
+    for trial, age in ((stale, 1000.0), (fresh, 10.0)):
+        trial.set_user_attr("kdsweep.host", "another-host")
+        trial.set_user_attr("kdsweep.process", "4242:1")
+        trial.set_user_attr("kdsweep.heartbeat", time.time() - age)
+
+    orphaned = fail_orphaned_trials(study, heartbeat_interval=60.0)
+
+    assert [t.number for t in orphaned] == [stale.number]
+    assert study.trials[stale.number].state == TrialState.FAIL
+    assert "another-host" in study.trials[stale.number].user_attrs["fail_reason"]
+    assert study.trials[fresh.number].state == TrialState.RUNNING
+
+
+def test_heartbeat_stamps_running_trials():
+    from hydra_plugins.kdsweep_optuna_sweeper._study_tools import HEARTBEAT_ATTR, Heartbeat
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.set_user_attr(HEARTBEAT_ATTR, 0.0)
+    heartbeat = Heartbeat(study, interval=0.05)
+    heartbeat.trial_ids.add(trial._trial_id)
+    time.sleep(0.5)
+    heartbeat.stop()
+
+    assert study.trials[0].user_attrs[HEARTBEAT_ATTR] > time.time() - 5

@@ -29,6 +29,7 @@ from hydra_plugins.kdsweep_optuna_sweeper._search_space import (
     format_override_value,
 )
 from hydra_plugins.kdsweep_optuna_sweeper._study_tools import (
+    Heartbeat,
     fail_orphaned_trials,
     mark_trial_owner,
     trial_claim_lock,
@@ -84,6 +85,7 @@ class OptunaSweeperImpl(Sweeper):
         storage: Optional[str],
         study_name: str,
         max_failure_rate: float,
+        heartbeat_interval: float,
     ) -> None:
         self.params = _plain(params) or {}
         self.metrics = _as_list(metric)
@@ -99,6 +101,7 @@ class OptunaSweeperImpl(Sweeper):
         self.storage = storage
         self.study_name = study_name
         self.max_failure_rate = max_failure_rate
+        self.heartbeat_interval = heartbeat_interval
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -129,15 +132,18 @@ class OptunaSweeperImpl(Sweeper):
             "/".join(self.metrics), self.n_trials, self.n_jobs, base_cfg.tracking.experiment, parent_run_id,
         )
         self.started_here: set[int] = set()
+        self.heartbeat = Heartbeat(study, self.heartbeat_interval)
         try:
             results = self._run_trials(study, space, parent_run_id, base_cfg)
         except BaseException as error:
+            self.heartbeat.stop()
             interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
             self._fail_unfinished_trials(study, "the sweep was interrupted" if interrupted else
                                          f"the sweep stopped ({type(error).__name__})")
             client.set_terminated(parent_run_id, "KILLED" if interrupted else "FAILED")
             raise
 
+        self.heartbeat.stop()
         self._report(client, study, parent_run_id, base_cfg)
         client.set_terminated(parent_run_id, "FINISHED")
         return results
@@ -155,10 +161,15 @@ class OptunaSweeperImpl(Sweeper):
         if len(self.directions) != len(self.metrics):
             raise ConfigError(f"hydra.sweeper.direction={self.directions}: give one direction per metric "
                               f"in hydra.sweeper.metric={self.metrics}")
+        from kdsweep.train import OPTIMISABLE_METRICS
+
         for metric in self.metrics:
             if not metric or str(metric).startswith("test/"):
                 raise ConfigError(f"hydra.sweeper.metric={metric!r}: optimise a validation metric such as "
                                   f"val/acc; the test split is only reported")
+            if metric not in OPTIMISABLE_METRICS:
+                raise ConfigError(f"hydra.sweeper.metric={metric!r}: not a metric that trials return; "
+                                  f"choose from {', '.join(OPTIMISABLE_METRICS)}")
         if self.sampler_name not in SAMPLERS:
             raise ConfigError(f"hydra.sweeper.sampler={self.sampler_name!r}: choose one of {', '.join(SAMPLERS)}")
         if self.pruner_name not in optuna_trial.PRUNERS:
@@ -172,12 +183,18 @@ class OptunaSweeperImpl(Sweeper):
         except (TypeError, ValueError) as error:
             raise ConfigError(f"hydra.sweeper.pruner_options={self.pruner_options}: invalid for pruner "
                               f"{self.pruner_name} ({error})") from None
+        interval = self.heartbeat_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+            raise ConfigError(f"hydra.sweeper.heartbeat_interval={interval!r}: must be a number of seconds > 0")
         rate = self.max_failure_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r}: must be a number in [0, 1]")
 
     def _check_enqueued_points(self, space: SearchSpace) -> None:
         for index, point in enumerate(self.enqueue):
+            if "val/agreement" in self.metrics and point.get("distill.alpha") == 0:
+                raise ConfigError(f"hydra.sweeper.enqueue[{index}].distill.alpha=0: hydra.sweeper.metric="
+                                  f"val/agreement needs a teacher; remove the alpha = 0 point")
             for key, value in point.items():
                 where = f"hydra.sweeper.enqueue[{index}].{key}={value!r}"
                 distribution = space.distributions.get(key)
@@ -192,14 +209,23 @@ class OptunaSweeperImpl(Sweeper):
 
         base_cfg = self._compose(space.fixed)
         prepare(base_cfg)
+        if "distill.alpha" not in space.distributions:
+            self._check_metrics_available(base_cfg)
         for key, distribution in space.distributions.items():
             for value in corner_values(distribution):
                 override = f"{key}={format_override_value(value)}"
                 try:
-                    prepare(self._compose([*space.fixed, override]))
+                    cfg = self._compose([*space.fixed, override])
+                    prepare(cfg)
+                    self._check_metrics_available(cfg)
                 except ConfigError as error:
                     raise ConfigError(f"search range {key}={describe(distribution)} reaches {error}") from None
         return base_cfg
+
+    def _check_metrics_available(self, cfg: DictConfig) -> None:
+        if "val/agreement" in self.metrics and cfg.distill.alpha == 0:
+            raise ConfigError(f"distill.alpha=0: hydra.sweeper.metric=val/agreement needs a teacher, which a "
+                              f"trial with alpha = 0 does not load")
 
     def _compose(self, overrides: list[str]) -> DictConfig:
         return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
@@ -287,7 +313,7 @@ class OptunaSweeperImpl(Sweeper):
     def _end_orphaned_trials(self, client, study: optuna.Study) -> None:
         """Fail the trials a killed sweep left RUNNING, and end their MLflow runs as KILLED."""
         with trial_claim_lock(self.location):
-            orphaned = fail_orphaned_trials(study)
+            orphaned = fail_orphaned_trials(study, self.heartbeat_interval)
         for trial in orphaned:
             run_id = trial.user_attrs.get("mlflow_run_id")
             if run_id and tracking.run_exists(client, run_id):
@@ -358,6 +384,7 @@ class OptunaSweeperImpl(Sweeper):
             trial = study.ask(space.distributions)
             mark_trial_owner(trial)
             self.started_here.add(trial.number)
+            self.heartbeat.trial_ids.add(trial._trial_id)
             return trial
 
     def _trial_overrides(self, trial: optuna.Trial, space: SearchSpace, parent_run_id: str) -> list[str]:
@@ -376,6 +403,7 @@ class OptunaSweeperImpl(Sweeper):
         ]
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, job: JobReturn) -> Any:
+        self.heartbeat.trial_ids.discard(trial._trial_id)
         try:
             if job.status != JobStatus.COMPLETED:
                 # JobReturn keeps a failed job's exception here; its public getter also prints it.
@@ -406,6 +434,7 @@ class OptunaSweeperImpl(Sweeper):
         return result
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+        self.heartbeat.trial_ids.discard(trial._trial_id)
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
         log.warning("Trial %d finished: %s, state=FAIL (%s)", trial.number, _describe_params(trial.params), reason)

@@ -5,6 +5,8 @@ import hashlib
 import logging
 import os
 import socket
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 HOST_ATTR = "kdsweep.host"
 PROCESS_ATTR = "kdsweep.process"
+HEARTBEAT_ATTR = "kdsweep.heartbeat"
+# A trial of another host is stale once its heartbeat is this many intervals old.
+STALE_INTERVALS = 3
 
 
 @contextlib.contextmanager
@@ -77,24 +82,61 @@ def mark_trial_owner(trial: optuna.Trial) -> None:
     """Record which process on which host runs the trial, so a later sweep can tell when it died."""
     trial.set_user_attr(HOST_ATTR, socket.gethostname())
     trial.set_user_attr(PROCESS_ATTR, process_identity(os.getpid()))
+    trial.set_user_attr(HEARTBEAT_ATTR, time.time())
 
 
-def fail_orphaned_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Mark FAIL the RUNNING trials whose sweep process on this host no longer exists; return them.
+class Heartbeat:
+    """A daemon thread that stamps the current time on this process's running trials every ``interval`` seconds.
 
-    NOTE: a trial left RUNNING by a process on another host stays RUNNING, because a process on
-    another host cannot be checked from here.
+    Optuna's own heartbeat runs only inside ``study.optimize``, not for ask-and-tell trials.
+    """
+
+    def __init__(self, study: optuna.Study, interval: float) -> None:
+        self.study = study
+        self.interval = interval
+        self.trial_ids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="kdsweep-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for trial_id in list(self.trial_ids):
+                try:
+                    self.study._storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    self.trial_ids.discard(trial_id)
+                except Exception as error:  # A storage hiccup must not end the sweep; the next beat retries.
+                    log.warning("Heartbeat for trial id %d failed: %s", trial_id, error)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def fail_orphaned_trials(study: optuna.Study, heartbeat_interval: float) -> list[FrozenTrial]:
+    """Mark FAIL the RUNNING trials whose sweep process has died; return them.
+
+    On this host a process is checked directly. A trial of another host counts as orphaned once its
+    heartbeat is STALE_INTERVALS intervals old. NOTE: that assumes the hosts' clocks roughly agree.
     """
     host = socket.gethostname()
+    now = time.time()
     orphaned = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(PROCESS_ATTR)
-        if trial.user_attrs.get(HOST_ATTR) != host or owner is None:
+        owner_host = trial.user_attrs.get(HOST_ATTR)
+        if owner is None:
             continue
-        pid = int(owner.split(":")[0])
-        if process_identity(pid) == owner:
-            continue
-        reason = f"the sweep process {pid} on {host} ended while the trial was running"
+        if owner_host == host:
+            pid = int(owner.split(":")[0])
+            if process_identity(pid) == owner:
+                continue
+            reason = f"the sweep process {pid} on {host} ended while the trial was running"
+        else:
+            age = now - trial.user_attrs.get(HEARTBEAT_ATTR, 0.0)
+            if age < STALE_INTERVALS * heartbeat_interval:
+                continue
+            reason = f"the sweep process on {owner_host} sent no heartbeat for {age:.0f} s"
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         try:
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)

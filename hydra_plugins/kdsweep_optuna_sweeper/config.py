@@ -46,8 +46,13 @@ class OptunaSweeperConf:
     storage: Optional[str] = None
     study_name: str = "kdsweep"
 
-    # The sweep stops once more than this fraction of its finished trials have failed.
+    # The sweep stops once more than this fraction of the trials it ran have failed.
     max_failure_rate: float = 0.0
+
+    # Seconds between the timestamps a sweep writes on its running trials. A later sweep fails a
+    # RUNNING trial of another host whose timestamp is 3 intervals old (same-host trials are
+    # checked by process id instead).
+    heartbeat_interval: float = 60.0
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="kdsweep_optuna", node=OptunaSweeperConf,
