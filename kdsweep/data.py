@@ -114,10 +114,11 @@ def _stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple
 
     indices = np.arange(len(labels))
     try:
-        kept, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels.numpy())
+        remaining, held_out = train_test_split(indices, test_size=fraction, random_state=seed,
+                                               stratify=labels.numpy())
     except ValueError as error:
         raise ValueError(f"data: a fraction of {fraction} cannot split {len(labels)} images by class ({error})") from None
-    return np.sort(kept), np.sort(held_out)
+    return np.sort(remaining), np.sort(held_out)
 
 
 def _random_split(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

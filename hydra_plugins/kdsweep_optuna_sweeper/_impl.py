@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 class AskTellGridSampler(optuna.samplers.GridSampler):
     """Optuna's grid sampler without its stop call, which works only inside ``study.optimize``.
 
-    The sweeper asks ``is_exhausted`` before each trial instead.
+    The sweeper calls ``is_exhausted`` before each trial instead.
     """
 
     def after_trial(self, study, trial, state, values) -> None:

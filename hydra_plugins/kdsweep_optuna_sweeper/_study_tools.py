@@ -27,7 +27,7 @@ STALE_INTERVALS = 3
 
 @contextlib.contextmanager
 def trial_claim_lock(location: str) -> Iterator[None]:
-    """Hold a lock shared by every sweep process on this study's storage while one counts and asks.
+    """Hold a lock shared by every sweep process on this study's storage while one counts trials and asks for one.
 
     A journal or SQLite file is locked with a file lock beside it (processes on one host). A
     PostgreSQL database is locked with an advisory lock (processes on any host).
