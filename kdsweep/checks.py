@@ -8,8 +8,8 @@ import contextlib
 import math
 import sys
 from collections.abc import Sequence
-from typing import Optional
 from numbers import Real
+from typing import Optional
 
 import torch
 from hydra.errors import CompactHydraException

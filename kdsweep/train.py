@@ -6,8 +6,8 @@ the student's final metrics; the sweeper reads its objective from them.
 
 import logging
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
@@ -148,9 +148,9 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
                                     run_name=f"trial-{trial_number}" if trial_number is not None else "student")
     tracking.log_config(logger, cfg)
     callbacks = []
-    trial = optuna_trial.trial_from_environment()
-    if trial is not None:
-        trial, monitor = trial
+    sweep_trial = optuna_trial.trial_from_environment()
+    if sweep_trial is not None:
+        trial, monitor = sweep_trial
         trial.set_user_attr("mlflow_run_id", logger.run_id)
         if len(trial.study.directions) == 1:  # Optuna takes intermediate values from single-objective trials only.
             callbacks.append(optuna_trial.PruningCallback(trial, monitor))

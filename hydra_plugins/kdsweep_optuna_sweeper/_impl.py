@@ -31,6 +31,7 @@ from hydra_plugins.kdsweep_optuna_sweeper._search_space import (
 from hydra_plugins.kdsweep_optuna_sweeper._study_tools import (
     Heartbeat,
     fail_orphaned_trials,
+    fail_running_trial,
     mark_trial_owner,
     trial_claim_lock,
     write_plots,
@@ -457,14 +458,8 @@ class OptunaSweeperImpl(Sweeper):
 
     def _fail_unfinished_trials(self, study: optuna.Study, reason: str) -> None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number not in self.started_here:
-                continue
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            try:
-                study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            log.warning("Trial %d finished: state=FAIL (%s)", trial.number, reason)
+            if trial.number in self.started_here:
+                fail_running_trial(study, trial, reason)
 
     # The results.
 

@@ -27,7 +27,7 @@ STALE_INTERVALS = 3
 
 @contextlib.contextmanager
 def trial_claim_lock(location: str) -> Iterator[None]:
-    """Hold a lock shared by every sweep process on this study's storage while one counts trials and asks for one.
+    """Hold a lock shared by every sweep process on this study's storage while one counts trials and requests the next.
 
     A journal or SQLite file is locked with a file lock beside it (processes on one host). A
     PostgreSQL database is locked with an advisory lock (processes on any host).
@@ -137,14 +137,20 @@ def fail_orphaned_trials(study: optuna.Study, heartbeat_interval: float) -> list
             if age < STALE_INTERVALS * heartbeat_interval:
                 continue
             reason = f"the sweep process on {owner_host} sent no heartbeat for {age:.0f} s"
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        try:
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # Another sweep process failed it first.
-        log.warning("Trial %d was left RUNNING by %s; marked FAIL", trial.number, reason)
-        orphaned.append(trial)
+        if fail_running_trial(study, trial, reason):
+            orphaned.append(trial)
     return orphaned
+
+
+def fail_running_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Mark a RUNNING trial FAIL with ``reason``; return False when another process finished it first."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    log.warning("Trial %d finished: state=FAIL (%s)", trial.number, reason)
+    return True
 
 
 def write_results(study: optuna.Study, folder: Path) -> Path:
