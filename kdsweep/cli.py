@@ -88,6 +88,8 @@ def main() -> None:
         sys.exit(2)
     # Every built-in dataset is a tensor in memory, so worker processes would only add start-up time.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # pytorch-lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, on every run.
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     _app()
 
 

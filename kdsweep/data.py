@@ -4,6 +4,7 @@ Every built-in dataset is small enough to live in memory as one float32 tensor p
 batch is a single indexing operation rather than per-sample Python work.
 """
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ def _load_splits(settings_json: str) -> DataSplits:
     datasets = [TensorDataset((x - mean) / std, y) for x, y in (train, val, test)]
     num_classes = int(max(int(y.max()) for _, y in (train, val, test)) + 1)
     return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes)
+
+
+def with_extra_tensors(splits: DataSplits, train: torch.Tensor, val: torch.Tensor) -> DataSplits:
+    """Return ``splits`` whose training and validation samples carry one more tensor each (e.g. logits)."""
+    return dataclasses.replace(
+        splits,
+        train=TensorDataset(*splits.train.tensors, train),
+        val=TensorDataset(*splits.val.tensors, val),
+    )
 
 
 def _read_digits() -> tuple[torch.Tensor, torch.Tensor]:

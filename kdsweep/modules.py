@@ -38,6 +38,12 @@ class FrozenTeacher:
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
 
+    def logits_in_batches(self, inputs: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Return the logits of a whole split as a float32 CPU tensor, computed on ``device``."""
+        self.to(device)
+        outputs = [self.logits(chunk.to(device)).float().cpu() for chunk in inputs.split(batch_size)]
+        return torch.cat(outputs)
+
 
 class ClassifierModule(pl.LightningModule):
     """Train ``model`` with cross-entropy and report accuracy and loss on validation and test data.
@@ -53,6 +59,9 @@ class ClassifierModule(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # Training losses are averaged here and logged once per epoch: a self.log call on every
+        # step costs more than the whole step of a small student on CPU.
+        self.train_losses = nn.ModuleDict({"loss": MeanMetric()})
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
@@ -61,11 +70,14 @@ class ClassifierModule(pl.LightningModule):
         inputs, labels = batch
         loss = F.cross_entropy(self.model(inputs), labels)
         _check_finite(loss, self.current_epoch, batch_idx)
-        self._log_epoch({"train/loss": loss}, batch_size=len(labels))
+        self.train_losses["loss"].update(loss.detach(), weight=len(labels))
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch({f"train/{name}": metric for name, metric in self.train_losses.items()}, batch_size=1)
+
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-        inputs, labels = batch
+        inputs, labels = batch[0], batch[1]
         logits = self.model(inputs)
         self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
         self.val_acc.update(logits, labels)
@@ -93,6 +105,8 @@ class DistillationModule(ClassifierModule):
 
     See :func:`kdsweep.losses.distillation_loss` for the objective; ``alpha`` weights the soft
     targets. With ``alpha = 0`` no teacher is needed and the module trains the plain baseline.
+    A batch of three tensors carries the teacher's precomputed logits as its third; a batch of
+    two has them computed by ``teacher`` on the batch itself.
     """
 
     def __init__(
@@ -113,6 +127,7 @@ class DistillationModule(ClassifierModule):
         self.temperature = temperature
         self.alpha = alpha
         self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
+        self.train_losses.update({"loss_hard": MeanMetric(), "loss_soft": MeanMetric()})
 
     def on_fit_start(self) -> None:
         if self.teacher is not None:
@@ -122,25 +137,27 @@ class DistillationModule(ClassifierModule):
         self.on_fit_start()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        inputs, labels = batch
+        inputs, labels = batch[0], batch[1]
         student_logits = self.model(inputs)
-        teacher_logits = self.teacher.logits(inputs) if self.alpha > 0 else None
+        teacher_logits = self._teacher_logits(batch) if self.alpha > 0 else None
         loss = distillation_loss(
             student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
         )
         _check_finite(loss.total, self.current_epoch, batch_idx)
-        metrics = {"train/loss": loss.total, "train/loss_hard": loss.hard, "train/loss_soft": loss.soft}
-        self._log_epoch(metrics, batch_size=len(labels))
+        for name, value in (("loss", loss.total), ("loss_hard", loss.hard), ("loss_soft", loss.soft)):
+            self.train_losses[name].update(value.detach(), weight=len(labels))
         return loss.total
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         student_logits = super().validation_step(batch, batch_idx)
         if self.teacher is not None:
-            inputs, labels = batch
-            teacher_predictions = self.teacher.logits(inputs).argmax(dim=-1)
+            teacher_predictions = self._teacher_logits(batch).argmax(dim=-1)
             self.val_agreement.update(student_logits, teacher_predictions)
-            self._log_epoch({"val/agreement": self.val_agreement}, batch_size=len(labels))
+            self._log_epoch({"val/agreement": self.val_agreement}, batch_size=len(batch[1]))
         return student_logits
+
+    def _teacher_logits(self, batch) -> torch.Tensor:
+        return batch[2] if len(batch) > 2 else self.teacher.logits(batch[0])
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, batch_idx: int) -> None:

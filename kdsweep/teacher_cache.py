@@ -1,8 +1,9 @@
 """A cache of trained teachers, keyed by everything that determines the teacher's weights.
 
 Each entry is ``<key>.pt`` (a plain state dict, read back with ``torch.load(weights_only=True)``)
-and ``<key>.json`` (the MLflow run that trained it and its metrics). A file lock per key lets one
-process train a missing teacher while others wait for it and then reuse it.
+and ``<key>.json`` (the MLflow run that trained it and its metrics), plus ``<key>.logits.pt``, the
+teacher's logits on the training and validation splits, once a student has needed them. A file
+lock per key lets one process train a missing teacher while others wait for it and then reuse it.
 """
 
 import hashlib
@@ -75,6 +76,27 @@ class TeacherCache:
         weights, metadata = self._paths(entry.key)
         _write_atomically(weights, lambda path: torch.save(state_dict, path))
         _write_atomically(metadata, lambda path: path.write_text(json.dumps(asdict(entry), indent=2)))
+
+    def load_logits(self, key: str, sizes: dict[str, int]) -> Optional[dict[str, torch.Tensor]]:
+        """Return the cached logits per split, or None when missing or not of the given split sizes."""
+        path = self._logits_path(key)
+        if not path.exists():
+            return None
+        try:
+            logits = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged file.
+            raise RuntimeError(f"cached teacher logits {path} cannot be read ({type(error).__name__}: {error}); "
+                               f"delete the file to compute them again") from None
+        if {split: len(logits.get(split, ())) for split in sizes} != sizes:
+            return None
+        return logits
+
+    def save_logits(self, key: str, logits: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self._logits_path(key), lambda path: torch.save(logits, path))
+
+    def _logits_path(self, key: str) -> Path:
+        return self.folder / f"{key}.logits.pt"
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.folder / f"{key}.pt", self.folder / f"{key}.json"

@@ -8,6 +8,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,7 @@ TEACHER_KEY_TAG = "kdsweep.teacher_key"
 STUDY_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.trial_state"
+TEACHER_LOGITS_TAG = "kdsweep.teacher_logits"
 FAIL_REASON_TAG = "kdsweep.fail_reason"
 STOP_REASON_TAG = "kdsweep.stop_reason"
 CONFIG_ARTIFACT = "config.yaml"
@@ -83,11 +85,33 @@ def git_commit() -> Optional[str]:
 
 
 class RunLogger(MLFlowLogger):
-    """Lightning's MLflow logger, but parameter values are logged whole rather than cut at 250 characters."""
+    """Lightning's MLflow logger, but parameter values are logged whole rather than cut at 250 characters.
+
+    ``mlflow_seconds`` accumulates the wall-clock time spent in its metric and parameter calls.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mlflow_seconds = 0.0
 
     @rank_zero_only
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        started = time.perf_counter()
         log_params(self.experiment, self.run_id, params)
+        self.mlflow_seconds += time.perf_counter() - started
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        started = time.perf_counter()
+        super().log_metrics(metrics, step)
+        self.mlflow_seconds += time.perf_counter() - started
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        # Lightning calls this after every fit and test. The run stays open here and run_status
+        # ends it once, with the status that fits how the whole run ended.
+        if self._initialized and self._checkpoint_callback:
+            self._scan_and_log_checkpoints(self._checkpoint_callback)
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:

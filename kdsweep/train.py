@@ -4,24 +4,30 @@ This is the body of the ``kdsweep`` command and of every sweep trial. Its return
 the student's final metrics; the sweeper reads its objective from them.
 """
 
+import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdsweep import optuna_trial, tracking
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
-from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits
+from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits, with_extra_tensors
 from kdsweep.models import build_model, count_parameters
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
+from kdsweep.timing import PERF_PREFIX, TimingCallback
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 PARAMETER_COUNT_METRIC = "model/parameters"
 # The metrics a student run returns that a sweep may optimise; val/agreement needs alpha > 0.
 OPTIMISABLE_METRICS = ("val/acc", "val/loss", "val/agreement", PARAMETER_COUNT_METRIC)
+# Batch size of the teacher's forward passes when its logits are computed for the cache.
+INFERENCE_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -89,7 +97,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.distill.alpha == 0:
         return _train_student(cfg, prepared.student, None, None, splits)
     teacher_entry = _obtain_teacher(cfg, prepared.teacher, splits)
-    return _train_student(cfg, prepared.student, FrozenTeacher(prepared.teacher), teacher_entry, splits)
+    teacher = FrozenTeacher(prepared.teacher)
+    logits, source = _teacher_logits(cfg, teacher, teacher_entry.key, splits)
+    student_splits = with_extra_tensors(splits, logits["train"], logits["val"])
+    return _train_student(cfg, prepared.student, teacher, teacher_entry, student_splits,
+                          tags={tracking.TEACHER_LOGITS_TAG: source})
 
 
 def _seeded_model(cfg: DictConfig, role: str, splits: DataSplits) -> nn.Module:
@@ -126,6 +138,33 @@ def _obtain_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits) -> 
     return entry
 
 
+def _teacher_logits(cfg: DictConfig, teacher: FrozenTeacher, key: str,
+                    splits: DataSplits) -> tuple[dict[str, torch.Tensor], str]:
+    """Return the teacher's logits on the training and validation splits, and "cached" or "computed".
+
+    The teacher is frozen and the inputs do not change between epochs, so its logits are computed
+    once per teacher and reused by every student, instead of a teacher forward pass per batch.
+    """
+    cache = TeacherCache(to_absolute_path(cfg.teacher_cache_dir))
+    sizes = {"train": len(splits.train), "val": len(splits.val)}
+    with cache.lock(key):
+        logits = cache.load_logits(key, sizes)
+        if logits is not None:
+            return logits, "cached"
+        device = _inference_device(cfg.trainer.accelerator)
+        logits = {split: teacher.logits_in_batches(getattr(splits, split).tensors[0], INFERENCE_BATCH_SIZE, device)
+                  for split in sizes}
+        cache.save_logits(key, logits)
+        log.info("Computed and cached the logits of teacher %s on %s", key, device)
+    return logits, "computed"
+
+
+def _inference_device(accelerator: str) -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key: str) -> CachedTeacher:
     logger = tracking.create_logger(cfg.tracking, role="teacher", run_name=f"teacher-{key[:8]}",
                                     tags={tracking.TEACHER_KEY_TAG: key})
@@ -138,15 +177,18 @@ def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key:
 
 
 def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[FrozenTeacher],
-                   teacher_entry: Optional[CachedTeacher], splits: DataSplits) -> dict[str, Any]:
-    tags = tracking.sweep_tags_from_environment()
+                   teacher_entry: Optional[CachedTeacher], splits: DataSplits,
+                   tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    tags = {**(tags or {}), **tracking.sweep_tags_from_environment()}
     if teacher_entry is not None:
         tags[tracking.TEACHER_RUN_TAG] = teacher_entry.run_id
         tags[tracking.TEACHER_KEY_TAG] = teacher_entry.key
     trial_number = tags.get(tracking.TRIAL_NUMBER_TAG)
+    run_started = time.perf_counter()
     logger = tracking.create_logger(cfg.tracking, role="student", tags=tags,
                                     run_name=f"trial-{trial_number}" if trial_number is not None else "student")
     tracking.log_config(logger, cfg)
+    mlflow_setup_seconds = time.perf_counter() - run_started
     callbacks = []
     sweep_trial = optuna_trial.trial_from_environment()
     if sweep_trial is not None:
@@ -166,7 +208,11 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         metrics = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
         metrics[PARAMETER_COUNT_METRIC] = float(count_parameters(student))
-        logger.log_metrics({PARAMETER_COUNT_METRIC: metrics[PARAMETER_COUNT_METRIC]})
+        logger.log_metrics({
+            PARAMETER_COUNT_METRIC: metrics[PARAMETER_COUNT_METRIC],
+            f"{PERF_PREFIX}mlflow_setup_seconds": mlflow_setup_seconds,
+            f"{PERF_PREFIX}run_seconds": time.perf_counter() - run_started,
+        })
     log.info("Student run %s finished: val/acc %.4f, test/acc %.4f", logger.run_id, metrics["val/acc"],
              metrics["test/acc"])
     return {
@@ -178,6 +224,27 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
     }
 
 
+@contextlib.contextmanager
+def _cuda_check_by_runtime(trainer: pl.Trainer) -> Iterator[None]:
+    """Let ``torch.cuda.is_available()`` ask the CUDA runtime, not NVML, while a CPU trainer runs.
+
+    Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when imported, so that the check does not
+    initialise CUDA before a fork. Every ``optimizer.step()`` makes that check, and through NVML it
+    loads the NVML library again each time: about 8 percent of a small student's step on a CPU
+    machine with a CUDA build of torch 2.14 (profiled with py-spy). A CPU trainer's processes
+    never use CUDA, so the runtime check is safe there.
+    """
+    variable = "PYTORCH_NVML_BASED_CUDA_CHECK"
+    if not isinstance(trainer.accelerator, CPUAccelerator) or variable not in os.environ:
+        yield
+        return
+    value = os.environ.pop(variable)
+    try:
+        yield
+    finally:
+        os.environ[variable] = value
+
+
 def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.RunLogger, splits: DataSplits,
                   training: DictConfig, callbacks: Optional[list[pl.Callback]] = None) -> dict[str, float]:
     """Fit for ``training.max_epochs``, then test; return the final validation and test metrics."""
@@ -185,14 +252,15 @@ def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.Ru
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=training.max_epochs,
         logger=logger,
-        callbacks=callbacks or [],
+        callbacks=[*(callbacks or []), TimingCallback(len(splits.train))],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
     data = TensorDataModule(splits, batch_size=training.batch_size, seed=cfg.seed)
-    trainer.fit(module, datamodule=data)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    with _cuda_check_by_runtime(trainer):
+        trainer.fit(module, datamodule=data)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
     metrics.update({k: float(v) for k, v in test_metrics.items() if k.startswith("test/")})
     return metrics

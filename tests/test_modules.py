@@ -1,3 +1,5 @@
+import os
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -91,3 +93,64 @@ def test_alpha_above_zero_requires_teacher():
         assert "teacher" in str(error)
     else:
         raise AssertionError("DistillationModule accepted alpha > 0 without a teacher")
+
+
+def test_cached_logits_equal_online_logits():
+    splits = random_splits()
+    teacher = FrozenTeacher(SmallCNN((1, 8, 8), 4, channels=(4,), hidden_size=8, dropout=0.5))
+    inputs = splits.train.tensors[0]
+
+    cached = teacher.logits_in_batches(inputs, batch_size=40, device=torch.device("cpu"))
+    online = torch.cat([teacher.logits(batch) for batch in inputs.split(16)])
+
+    assert cached.dtype == torch.float32
+    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
+
+
+def test_training_step_same_with_cached_logits():
+    splits = random_splits()
+    teacher = FrozenTeacher(MLP((1, 8, 8), 4, hidden_sizes=(8,)))
+    module = DistillationModule(MLP((1, 8, 8), 4, hidden_sizes=(8,)), lambda p: torch.optim.SGD(p, lr=0.1), 4,
+                                teacher=teacher, temperature=3.0, alpha=0.7)
+    inputs, labels = splits.train.tensors[0][:16], splits.train.tensors[1][:16]
+    cached_logits = teacher.logits_in_batches(inputs, batch_size=1024, device=torch.device("cpu"))
+
+    online_loss = module.training_step((inputs, labels), 0)
+    cached_loss = module.training_step((inputs, labels, cached_logits), 0)
+
+    torch.testing.assert_close(cached_loss, online_loss)
+    assert module.train_losses["loss_soft"].compute() > 0
+
+
+def test_train_losses_logged_once_per_epoch():
+    splits = random_splits()
+    teacher = FrozenTeacher(MLP((1, 8, 8), 4, hidden_sizes=(8,)))
+    module = DistillationModule(MLP((1, 8, 8), 4, hidden_sizes=(8,)), lambda p: torch.optim.SGD(p, lr=0.1), 4,
+                                teacher=teacher, temperature=3.0, alpha=0.7)
+
+    fit_one_epoch(module, splits)
+
+    assert {"train/loss", "train/loss_hard", "train/loss_soft"} <= set(module.trainer.callback_metrics)
+    assert all(not name.endswith("_step") for name in module.trainer.callback_metrics)
+
+
+def test_nvml_check_cleared_only_during_cpu_fit(monkeypatch):
+    from kdsweep.train import _cuda_check_by_runtime
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    seen_during_fit = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            seen_during_fit.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", callbacks=[Probe()])
+    module = DistillationModule(MLP((1, 8, 8), 4, hidden_sizes=(8,)), lambda p: torch.optim.SGD(p, lr=0.1), 4,
+                                teacher=None, temperature=1.0, alpha=0.0)
+    with _cuda_check_by_runtime(trainer):
+        trainer.fit(module, datamodule=TensorDataModule(random_splits(), batch_size=16, seed=0))
+
+    assert seen_during_fit, "the fit ran no training step"
+    assert set(seen_during_fit) == {None}
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"

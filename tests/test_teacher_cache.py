@@ -26,7 +26,9 @@ def test_second_run_reuses_cached_teacher(kdsweep, tmp_path, tracking_uri):
     assert "is not cached; training it" in first.stdout + first.stderr
     assert "Reusing cached teacher" in second.stdout + second.stderr
     assert "is not cached" not in second.stdout + second.stderr
-    (weights,) = (tmp_path / "teacher_cache").glob("*.pt")
+    logit_sources = sorted(run.data.tags["kdsweep.teacher_logits"] for run in runs["student"])
+    assert logit_sources == ["cached", "computed"]
+    (weights,) = (tmp_path / "teacher_cache").glob("*[0-9a-f].pt")
     state_dict = torch.load(weights, weights_only=True)
     assert all(isinstance(value, torch.Tensor) for value in state_dict.values())
 

@@ -30,6 +30,12 @@ def test_student_run_logs_config_metrics_and_tags(kdsweep, tracking_uri):
         history = client.get_metric_history(run.info.run_id, metric)
         assert [point.step for point in history] == [0, 1], metric
     assert "test/acc" in run.data.metrics
+    for metric in ("perf/epoch_seconds", "perf/fit_seconds", "perf/startup_seconds", "perf/run_seconds",
+                   "perf/mlflow_seconds_per_epoch", "perf/mlflow_share", "perf/train_samples_per_second"):
+        assert run.data.metrics[metric] > 0, metric
+    assert run.data.metrics["perf/fit_seconds"] >= 2 * run.data.metrics["perf/epoch_seconds"]
+    assert run.data.metrics["perf/run_seconds"] > run.data.metrics["perf/fit_seconds"]
+    assert run.data.tags["kdsweep.teacher_logits"] == "computed"
 
     _, teacher = only_run(tracking_uri, "teacher")
     assert run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
