@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup sweep test
+.PHONY: setup sweep test benchmark
 
 setup: $(VENV)/.installed
 
@@ -17,3 +17,6 @@ sweep: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+benchmark: setup
+	$(PYTHON) -m benchmarks
