@@ -26,7 +26,22 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path,
                         help="folder for the runs, studies and logs (default: a new temporary folder)")
     parser.add_argument("--output", type=Path, help="also write the table as Markdown to this file")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+
+    # Check both paths before the suite spends ten minutes, so a typo fails at once.
+    if arguments.workdir is not None:
+        try:
+            arguments.workdir.mkdir(parents=True, exist_ok=True)
+            (arguments.workdir / ".write-check").touch()
+            (arguments.workdir / ".write-check").unlink()
+        except OSError as error:
+            parser.error(f"--workdir {arguments.workdir}: not a writable folder ({error.strerror})")
+    if arguments.output is not None:
+        folder = arguments.output.parent.resolve()
+        if not folder.is_dir() or not os.access(folder, os.W_OK) or arguments.output.is_dir():
+            parser.error(f"--output {arguments.output}: cannot write a file there; give a file path in a "
+                         f"writable folder")
+    return arguments
 
 
 def machine_description() -> str:

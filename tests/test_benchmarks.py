@@ -45,3 +45,15 @@ def test_quick_suite_reports_every_figure(tmp_path):
         assert math.isfinite(rows[name]), f"{name} is {rows[name]}"
         assert rows[name] > 0, f"{name} is {rows[name]}"
     assert "teacher logits computed 1 time(s)" in output.read_text()
+
+
+def test_unwritable_paths_rejected_at_once(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    environment = {**kdsweep_environment(), "PYTHONPATH": str(CHECKOUT)}
+    for option, value in (("--workdir", a_file), ("--output", tmp_path / "missing" / "table.md")):
+        result = subprocess.run([sys.executable, "-m", "benchmarks", option, str(value)], cwd=tmp_path,
+                                env=environment, capture_output=True, text=True, timeout=60)
+
+        assert result.returncode == 2, option
+        assert f"error: {option} {value}" in result.stderr

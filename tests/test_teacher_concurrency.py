@@ -1,0 +1,27 @@
+"""Two kdsweep processes that need the same teacher at once: one trains it, the other waits for it."""
+
+from mlflow import MlflowClient
+
+from conftest import FAST, start_kdsweep, wait_for_success
+
+
+def test_two_processes_train_one_teacher(tmp_path, tracking_uri):
+    # The teacher trains for 30 epochs, long enough that the second process asks while it trains.
+    arguments = [*FAST, "teacher.max_epochs=30"]
+    processes = [start_kdsweep([*arguments, f"distill.alpha={alpha}"], tmp_path, f"run-{index}.log")
+                 for index, alpha in enumerate((0.3, 0.7))]
+    for index, process in enumerate(processes):
+        wait_for_success(process, tmp_path / f"run-{index}.log")
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("kdsweep-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    teachers = [run for run in runs if run.data.tags["kdsweep.role"] == "teacher"]
+    students = [run for run in runs if run.data.tags["kdsweep.role"] == "student"]
+    assert len(teachers) == 1
+    assert len(students) == 2
+    assert {run.data.tags["kdsweep.teacher_run_id"] for run in students} == {teachers[0].info.run_id}
+    assert sorted(run.data.tags["kdsweep.teacher_logits"] for run in students) == ["cached", "computed"]
+    logs = [(tmp_path / f"run-{index}.log").read_text() for index in range(2)]
+    assert sum("is not cached; training it" in log for log in logs) == 1
+    assert sum("Reusing cached teacher" in log for log in logs) == 1
