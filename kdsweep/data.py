@@ -149,26 +149,48 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
     """Yield whole batches of indices as tensors: a fresh permutation per epoch when shuffling.
 
     ``TensorDataset`` indexes every tensor with the batch at once, so a batch costs one gather.
+    Under data parallelism each of ``num_replicas`` processes takes every ``num_replicas``-th
+    index, starting at its ``rank``. All processes draw the same permutation from the shared
+    seed. When shuffling (training), the permutation is padded by wrapping around so that every
+    process runs the same number of steps. Without shuffling (evaluation), nothing is padded or
+    dropped, so every sample counts exactly once in the metrics, and the shards may differ by one
+    sample.
     """
 
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         self.size = size
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)
-        yield from order.split(self.batch_size)
+        if self.shuffle and self.num_replicas > 1:
+            padded_size = -(-self.size // self.num_replicas) * self.num_replicas
+            order = order.repeat(-(-padded_size // self.size))[:padded_size]
+        yield from order[self.rank::self.num_replicas].split(self.batch_size)
 
     def __len__(self) -> int:
-        return -(-self.size // self.batch_size)
+        if self.shuffle:
+            shard = -(-self.size // self.num_replicas)
+        else:
+            shard = len(range(self.rank, self.size, self.num_replicas))
+        return -(-shard // self.batch_size)
 
 
 class TensorDataModule(pl.LightningDataModule):
-    """Serve in-memory splits to a Lightning Trainer, batched by :class:`IndexBatchSampler`."""
+    """Serve in-memory splits to a Lightning Trainer, batched by :class:`IndexBatchSampler`.
+
+    Under data parallelism it shards the batches itself, so the Trainer needs
+    ``use_distributed_sampler=False``. ``batch_size`` is then the batch of each process.
+    """
 
     def __init__(self, splits: DataSplits, batch_size: int, seed: int, eval_batch_size: int = 1024) -> None:
         super().__init__()
@@ -178,7 +200,8 @@ class TensorDataModule(pl.LightningDataModule):
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        sampler = IndexBatchSampler(len(self.splits.train), self.batch_size, shuffle=True, seed=self.seed)
+        sampler = IndexBatchSampler(len(self.splits.train), self.batch_size, shuffle=True, seed=self.seed,
+                                    **self._shard())
         return DataLoader(self.splits.train, sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
@@ -188,5 +211,10 @@ class TensorDataModule(pl.LightningDataModule):
         return self._eval_loader(self.splits.test)
 
     def _eval_loader(self, dataset: TensorDataset) -> DataLoader:
-        sampler = IndexBatchSampler(len(dataset), self.eval_batch_size, shuffle=False)
+        sampler = IndexBatchSampler(len(dataset), self.eval_batch_size, shuffle=False, **self._shard())
         return DataLoader(dataset, sampler=sampler, batch_size=None)
+
+    def _shard(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {}
+        return {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}

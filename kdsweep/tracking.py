@@ -6,6 +6,7 @@ whole); everything logged outside the Trainer uses that logger's own ``MlflowCli
 
 import contextlib
 import os
+import platform
 import subprocess
 import tempfile
 import time
@@ -13,6 +14,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+import pytorch_lightning as pl
+import torch
 from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
@@ -28,6 +31,9 @@ STUDY_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.trial_state"
 TEACHER_LOGITS_TAG = "kdsweep.teacher_logits"
+ACCELERATOR_TAG = "kdsweep.accelerator"
+DEVICE_NAME_TAG = "kdsweep.device_name"
+DEVICE_COUNT_TAG = "kdsweep.device_count"
 FAIL_REASON_TAG = "kdsweep.fail_reason"
 STOP_REASON_TAG = "kdsweep.stop_reason"
 CONFIG_ARTIFACT = "config.yaml"
@@ -37,6 +43,32 @@ CONFIG_ARTIFACT = "config.yaml"
 PARENT_RUN_ENV = "KDSWEEP_PARENT_RUN_ID"
 STUDY_NAME_ENV = "KDSWEEP_STUDY_NAME"
 TRIAL_NUMBER_ENV = "KDSWEEP_TRIAL_NUMBER"
+
+
+def log_hardware(logger: "RunLogger", trainer: "pl.Trainer") -> None:
+    """Tag the run with the accelerator, the device name and the number of processes that train it."""
+    if logger.run_id is None:  # Data-parallel ranks other than 0 log nothing.
+        return
+    root_device = trainer.strategy.root_device
+    if root_device.type == "cuda":
+        device_name = torch.cuda.get_device_name(root_device)
+    else:
+        device_name = cpu_model()
+    for key, value in ((ACCELERATOR_TAG, root_device.type), (DEVICE_NAME_TAG, device_name),
+                       (DEVICE_COUNT_TAG, str(trainer.world_size))):
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def cpu_model() -> str:
+    """Return the CPU's model name from /proc/cpuinfo on Linux, else what the platform module reports."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:

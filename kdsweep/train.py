@@ -17,6 +17,7 @@ import optuna
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.utilities import rank_zero_only
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -69,14 +70,34 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(splits=splits, teacher=teacher, student=student)
 
 
-def _check_trainer(cfg: DictConfig) -> None:
+def _check_trainer(cfg: DictConfig) -> pl.Trainer:
     """Build a Trainer from the trainer settings once, so that invalid ones fail before any run starts."""
+    accelerator, devices = cfg.trainer.get("accelerator"), cfg.trainer.get("devices")
+    if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise ConfigError(f"trainer.accelerator={accelerator}, trainer.devices={devices}: "
+                          f"{torch.cuda.device_count()} CUDA GPUs are present; lower trainer.devices, or train on "
+                          f"CPU with trainer.accelerator=cpu (or trainer=ddp_cpu for several processes)")
     try:
-        pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False, enable_checkpointing=False,
-                   enable_model_summary=False)
+        return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False,
+                          enable_checkpointing=False, enable_model_summary=False)
     except Exception as error:  # Lightning raises several types for unusable accelerators and devices.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
+
+
+def check_sweep_trainer(cfg: DictConfig) -> None:
+    """Reject trainer settings that start several processes per trial, which a sweep cannot run yet.
+
+    Lightning's ``ddp`` strategy starts its extra processes by running the command line again,
+    and in a sweep that command line is the sweep itself.
+    """
+    trainer = _check_trainer(cfg)
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"trainer: strategy={cfg.trainer.get('strategy', 'auto')} with {trainer.world_size} processes per "
+            f"trial is not supported in a sweep yet; sweep with trainer.devices=1 (and hydra.sweeper.n_jobs "
+            f"for parallel trials), or train single runs with this trainer"
+        )
 
 
 def _check_cache_folder(folder: Path) -> None:
@@ -92,6 +113,9 @@ def _check_cache_folder(folder: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the teacher if it is not cached, then the student; return the student's results."""
+    if rank_zero_only.rank > 0:
+        # The other data-parallel ranks repeat rank 0's steps; rank 0 alone reports them.
+        logging.getLogger("kdsweep").setLevel(logging.WARNING)
     prepared = prepare(cfg)
     splits = prepared.splits
     if cfg.distill.alpha == 0:
@@ -119,12 +143,13 @@ def _obtain_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits) -> 
     """Load the cached teacher into ``teacher``, training and caching it first if it is missing."""
     cache = TeacherCache(to_absolute_path(cfg.teacher_cache_dir))
     key = teacher_cache_key(cfg)
-    with cache.lock(key):
+    with _cache_lock(cache, key):
         cached = cache.load(key)
         if cached is None:
             log.info("Teacher %s is not cached; training it", key)
             entry = _train_teacher(cfg, teacher, splits, key)
-            cache.save(teacher.state_dict(), entry)
+            if rank_zero_only.rank == 0:
+                cache.save(teacher.state_dict(), entry)
             return entry
 
     state_dict, entry = cached
@@ -147,16 +172,28 @@ def _teacher_logits(cfg: DictConfig, teacher: FrozenTeacher, key: str,
     """
     cache = TeacherCache(to_absolute_path(cfg.teacher_cache_dir))
     sizes = {"train": len(splits.train), "val": len(splits.val)}
-    with cache.lock(key):
+    with _cache_lock(cache, key):
         logits = cache.load_logits(key, sizes)
         if logits is not None:
             return logits, "cached"
         device = _inference_device(cfg.trainer.accelerator)
         logits = {split: teacher.logits_in_batches(getattr(splits, split).tensors[0], INFERENCE_BATCH_SIZE, device)
                   for split in sizes}
-        cache.save_logits(key, logits)
+        if rank_zero_only.rank == 0:
+            cache.save_logits(key, logits)
         log.info("Computed and cached the logits of teacher %s on %s", key, device)
     return logits, "computed"
+
+
+def _cache_lock(cache: TeacherCache, key: str) -> contextlib.AbstractContextManager:
+    """Return the cache's lock for ``key`` in rank 0, and no lock in the other data-parallel ranks.
+
+    Lightning starts ranks 1 and up from inside rank 0's first fit, by running the command again.
+    If rank 0 is training the teacher, it holds the lock and waits for them to join, so they must
+    not wait for the lock. They still reach the same choice as rank 0: the entry cannot appear or
+    vanish while rank 0 holds the lock, and once written it stays.
+    """
+    return cache.lock(key) if rank_zero_only.rank == 0 else contextlib.nullcontext()
 
 
 def _inference_device(accelerator: str) -> torch.device:
@@ -256,8 +293,10 @@ def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.Ru
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # TensorDataModule shards the data itself, without padding evaluation.
     )
     data = TensorDataModule(splits, batch_size=training.batch_size, seed=cfg.seed)
+    tracking.log_hardware(logger, trainer)
     with _cuda_check_by_runtime(trainer):
         trainer.fit(module, datamodule=data)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

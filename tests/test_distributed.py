@@ -1,0 +1,78 @@
+"""Data parallelism on CPU processes (gloo): sharding, metrics and a 2-process run end to end."""
+
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow import MlflowClient
+from torch.utils.data import TensorDataset
+
+from conftest import FAST
+from kdsweep.data import DataSplits, IndexBatchSampler, TensorDataModule
+from kdsweep.models import MLP
+from kdsweep.modules import DistillationModule
+
+
+@pytest.mark.parametrize("size", [10, 11, 97])
+def test_eval_shards_cover_each_sample_once(size):
+    shards = [torch.cat(list(IndexBatchSampler(size, 4, shuffle=False, num_replicas=3, rank=rank)))
+              for rank in range(3)]
+
+    assert sorted(torch.cat(shards).tolist()) == list(range(size))
+    for rank, shard in enumerate(shards):
+        assert len(list(IndexBatchSampler(size, 4, shuffle=False, num_replicas=3, rank=rank))) == -(-len(shard) // 4)
+
+
+@pytest.mark.parametrize("size", [10, 11, 97])
+def test_training_shards_equal_and_shared_order(size):
+    batches = [list(IndexBatchSampler(size, 4, shuffle=True, seed=5, num_replicas=2, rank=rank)) for rank in range(2)]
+    shards = [torch.cat(rank_batches) for rank_batches in batches]
+
+    assert len(batches[0]) == len(batches[1])
+    assert len(shards[0]) == len(shards[1]) == -(-size // 2)
+    assert set(torch.cat(shards).tolist()) == set(range(size))
+
+
+def validation_metrics(splits: DataSplits, state: dict, devices: int) -> dict[str, float]:
+    model = MLP((1, 8, 8), 4, hidden_sizes=(16,))
+    model.load_state_dict(state)
+    module = DistillationModule(model, functools.partial(torch.optim.SGD, lr=0.1), 4, teacher=None,
+                                temperature=1.0, alpha=0.0)
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    data = TensorDataModule(splits, batch_size=16, seed=0, eval_batch_size=16)
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
+    return metrics
+
+
+def test_validation_metrics_same_on_two_processes():
+    generator = torch.Generator().manual_seed(0)
+    # 97 samples: a multiple of neither the batch size (16) nor the process count (2).
+    inputs, labels = torch.randn(97, 1, 8, 8, generator=generator), torch.randint(0, 4, (97,), generator=generator)
+    splits = DataSplits(TensorDataset(inputs, labels), TensorDataset(inputs, labels), TensorDataset(inputs, labels),
+                        input_shape=(1, 8, 8), num_classes=4)
+    state = MLP((1, 8, 8), 4, hidden_sizes=(16,)).state_dict()
+
+    one = validation_metrics(splits, state, devices=1)
+    two = validation_metrics(splits, state, devices=2)
+
+    assert one["val/acc"] == pytest.approx(two["val/acc"], abs=1e-7)
+    assert one["val/loss"] == pytest.approx(two["val/loss"], rel=1e-5)
+
+
+def test_two_process_run_logs_one_run_per_role(kdsweep, tracking_uri):
+    result = kdsweep(*FAST, "trainer=ddp_cpu")
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("kdsweep-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    roles = sorted(run.data.tags["kdsweep.role"] for run in runs)
+    assert roles == ["student", "teacher"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    for run in runs:
+        assert run.data.tags["kdsweep.accelerator"] == "cpu"
+        assert run.data.tags["kdsweep.device_count"] == "2"
+        assert run.data.tags["kdsweep.device_name"]
+    assert result.stdout.count("Student run") + result.stderr.count("Student run") == 1
