@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.suite import CHECKOUT, Figure, Settings, run_all
+from kdsweep.tracking import cpu_model
 
 DEFAULT_MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
 
@@ -28,29 +29,30 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="also write the table as Markdown to this file")
     arguments = parser.parse_args()
 
-    # Check both paths before the suite spends ten minutes, so a typo fails at once.
+    # Check the paths before the suite spends ten minutes, so a typo fails at once.
     if arguments.workdir is not None:
         try:
             arguments.workdir.mkdir(parents=True, exist_ok=True)
-            (arguments.workdir / ".write-check").touch()
-            (arguments.workdir / ".write-check").unlink()
+            leftovers = any(arguments.workdir.iterdir())
         except OSError as error:
             parser.error(f"--workdir {arguments.workdir}: not a writable folder ({error.strerror})")
+        if leftovers:
+            # Its studies would continue instead of timing new trials.
+            parser.error(f"--workdir {arguments.workdir}: not empty; give a new or empty folder")
     if arguments.output is not None:
-        folder = arguments.output.parent.resolve()
-        if not folder.is_dir() or not os.access(folder, os.W_OK) or arguments.output.is_dir():
-            parser.error(f"--output {arguments.output}: cannot write a file there; give a file path in a "
-                         f"writable folder")
+        existed = arguments.output.exists()
+        try:
+            with open(arguments.output, "a"):
+                pass
+        except OSError as error:
+            parser.error(f"--output {arguments.output}: cannot write a file there ({error.strerror})")
+        if not existed:
+            arguments.output.unlink()
     return arguments
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
             f"{platform.system()}")
 
 
@@ -66,13 +68,19 @@ def markdown_table(figures: list[Figure]) -> str:
 def main() -> int:
     arguments = parse_arguments()
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="kdsweep-benchmarks-"))
-    mnist_root = arguments.mnist_root if (arguments.mnist_root / "MNIST" / "raw").is_dir() else None
+    raw = arguments.mnist_root / "MNIST" / "raw"
+    has_mnist = all(any(raw.glob(f"{name}*")) for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"))
+    mnist_root = arguments.mnist_root if has_mnist else None
     if mnist_root is None:
-        print(f"MNIST not found under {arguments.mnist_root}; skipping the MNIST figures", file=sys.stderr)
+        print(f"MNIST not found under {raw}; skipping the MNIST figures", file=sys.stderr)
     settings = (Settings.quick if arguments.quick else Settings)(workdir=workdir.resolve(), mnist_root=mnist_root)
 
     started = time.perf_counter()
-    figures = run_all(settings)
+    try:
+        figures = run_all(settings)
+    except KeyboardInterrupt:
+        print(f"Interrupted; the runs so far are in {workdir}", file=sys.stderr)
+        return 130
     minutes = (time.perf_counter() - started) / 60
 
     report = "\n".join([
