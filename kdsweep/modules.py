@@ -105,8 +105,8 @@ class DistillationModule(ClassifierModule):
 
     See :func:`kdsweep.losses.distillation_loss` for the objective; ``alpha`` weights the soft
     targets. With ``alpha = 0`` no teacher is needed and the module trains the plain baseline.
-    A batch of three tensors carries the teacher's precomputed logits as its third; a batch of
-    two has them computed by ``teacher`` on the batch itself.
+    A batch of three tensors carries the teacher's precomputed logits as its third. For a batch of
+    two, ``teacher`` computes them on the batch itself.
     """
 
     def __init__(

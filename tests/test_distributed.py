@@ -55,11 +55,11 @@ def test_validation_metrics_same_on_two_processes():
                         input_shape=(1, 8, 8), num_classes=4)
     state = MLP((1, 8, 8), 4, hidden_sizes=(16,)).state_dict()
 
-    one = validation_metrics(splits, state, devices=1)
-    two = validation_metrics(splits, state, devices=2)
+    one_process = validation_metrics(splits, state, devices=1)
+    two_processes = validation_metrics(splits, state, devices=2)
 
-    assert one["val/acc"] == pytest.approx(two["val/acc"], abs=1e-7)
-    assert one["val/loss"] == pytest.approx(two["val/loss"], rel=1e-5)
+    assert one_process["val/acc"] == pytest.approx(two_processes["val/acc"], abs=1e-7)
+    assert one_process["val/loss"] == pytest.approx(two_processes["val/loss"], rel=1e-5)
 
 
 def test_two_process_run_logs_one_run_per_role(kdsweep, tracking_uri):

@@ -6,7 +6,7 @@ from conftest import FAST, start_kdsweep, wait_for_success
 
 
 def test_two_processes_train_one_teacher(tmp_path, tracking_uri):
-    # The teacher trains for 30 epochs, long enough that the second process asks while it trains.
+    # The teacher trains for 30 epochs, so the second process requests it while the first trains it.
     arguments = [*FAST, "teacher.max_epochs=30"]
     processes = [start_kdsweep([*arguments, f"distill.alpha={alpha}"], tmp_path, f"run-{index}.log")
                  for index, alpha in enumerate((0.3, 0.7))]
