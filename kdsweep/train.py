@@ -47,6 +47,8 @@ class Prepared:
     splits: DataSplits
     teacher: nn.Module
     student: nn.Module
+    # Processes that the trainer settings start per run: 1 unless a data-parallel strategy is set.
+    processes: int
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -65,9 +67,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
-    _check_trainer(cfg)
+    processes = _check_trainer(cfg).world_size
     _check_cache_folder(Path(to_absolute_path(cfg.teacher_cache_dir)))
-    return Prepared(splits=splits, teacher=teacher, student=student)
+    return Prepared(splits=splits, teacher=teacher, student=student, processes=processes)
 
 
 def _check_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -85,16 +87,15 @@ def _check_trainer(cfg: DictConfig) -> pl.Trainer:
         raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
 
 
-def check_sweep_trainer(cfg: DictConfig) -> None:
+def check_sweep_trainer(cfg: DictConfig, prepared: Prepared) -> None:
     """Reject trainer settings that start several processes per trial, which a sweep cannot run yet.
 
     Lightning's ``ddp`` strategy starts its extra processes by running the command line again,
     and in a sweep that command line is the sweep itself.
     """
-    trainer = _check_trainer(cfg)
-    if trainer.world_size > 1:
+    if prepared.processes > 1:
         raise ConfigError(
-            f"trainer: strategy={cfg.trainer.get('strategy', 'auto')} with {trainer.world_size} processes per "
+            f"trainer: strategy={cfg.trainer.get('strategy', 'auto')} with {prepared.processes} processes per "
             f"trial is not supported in a sweep yet; sweep with trainer.devices=1 (and hydra.sweeper.n_jobs "
             f"for parallel trials), or train single runs with this trainer"
         )

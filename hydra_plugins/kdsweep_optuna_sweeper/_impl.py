@@ -209,8 +209,7 @@ class OptunaSweeperImpl(Sweeper):
         from kdsweep.train import check_sweep_trainer, prepare
 
         base_cfg = self._compose(space.fixed)
-        prepare(base_cfg)
-        check_sweep_trainer(base_cfg)
+        check_sweep_trainer(base_cfg, prepare(base_cfg))
         if "distill.alpha" not in space.distributions:
             self._check_metrics_available(base_cfg)
         for key, distribution in space.distributions.items():
