@@ -25,6 +25,7 @@ from torch import nn
 from kdsweep import optuna_trial, tracking
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
 from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits, with_extra_tensors
+from kdsweep.distributed import ProcessGroupCleanup
 from kdsweep.models import build_model, count_parameters
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
@@ -290,7 +291,7 @@ def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.Ru
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=training.max_epochs,
         logger=logger,
-        callbacks=[*(callbacks or []), TimingCallback(len(splits.train))],
+        callbacks=[*(callbacks or []), TimingCallback(len(splits.train)), ProcessGroupCleanup()],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

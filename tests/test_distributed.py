@@ -1,6 +1,8 @@
 """Data parallelism on CPU processes (gloo): sharding, metrics and a 2-process run end to end."""
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import pytorch_lightning as pl
@@ -10,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from conftest import FAST
 from kdsweep.data import DataSplits, IndexBatchSampler, TensorDataModule
+from kdsweep.distributed import ProcessGroupCleanup
 from kdsweep.models import MLP
 from kdsweep.modules import DistillationModule
 
@@ -40,6 +43,7 @@ def validation_metrics(splits: DataSplits, state: dict, devices: int) -> dict[st
     module = DistillationModule(model, functools.partial(torch.optim.SGD, lr=0.1), 4, teacher=None,
                                 temperature=1.0, alpha=0.0)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         callbacks=[ProcessGroupCleanup()],
                          use_distributed_sampler=False, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)
     data = TensorDataModule(splits, batch_size=16, seed=0, eval_batch_size=16)
@@ -76,3 +80,22 @@ def test_two_process_run_logs_one_run_per_role(kdsweep, tracking_uri):
         assert run.data.tags["kdsweep.device_count"] == "2"
         assert run.data.tags["kdsweep.device_name"]
     assert result.stdout.count("Student run") + result.stderr.count("Student run") == 1
+
+
+def test_process_group_destroyed_at_exit(tmp_path):
+    # Run in a fresh interpreter: the check calls the exit handlers, and the group is process-wide.
+    script = f"""
+import atexit
+import torch.distributed as dist
+from kdsweep.distributed import ProcessGroupCleanup
+
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+for stage in ("fit", "test"):  # One trainer sets up twice: fit, then test.
+    ProcessGroupCleanup().setup(None, None, stage)
+atexit._run_exitfuncs()
+print("initialized after exit handlers:", dist.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "initialized after exit handlers: False" in result.stdout
