@@ -5,6 +5,7 @@ the Optuna sweep defined in ``sweeps/NAME.yaml``. Any config value can be overri
 command line with Hydra's syntax (``distill.alpha=0.7 data=mnist``).
 """
 
+import os
 import re
 import sys
 import warnings
@@ -26,14 +27,18 @@ _GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}([a-z_]+)=([A-Za-z0-9_.,-]+)$")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    from kdsweep import distributed
     from kdsweep.checks import exit_on_config_error
     from kdsweep.train import run
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         # The sweeper checked the configs before the first trial. A trial that still fails is
         # recorded as a failed trial and does not end the process.
-        return run(cfg)
+        return run(cfg, sweep_job=True)
     with exit_on_config_error():
+        result_file = os.environ.get(distributed.RESULT_FILE_ENV)
+        if result_file:  # A single run that a multi-process sweep job started.
+            return distributed.run_and_write_result(run, cfg, Path(result_file))
         return run(cfg)
 
 

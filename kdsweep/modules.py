@@ -1,5 +1,6 @@
 """Lightning modules: a classifier trained on labels (the teacher) and a student distilled from it."""
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Optional
 
@@ -11,6 +12,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdsweep.losses import distillation_loss
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -132,9 +135,13 @@ class DistillationModule(ClassifierModule):
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)
+        if self.trainer.world_size > 1:
+            log.info("Process %d of %d distils with temperature %s and alpha %s", self.global_rank,
+                     self.trainer.world_size, self.temperature, self.alpha)
 
     def on_test_start(self) -> None:
-        self.on_fit_start()
+        if self.teacher is not None:
+            self.teacher.to(self.device)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch[0], batch[1]

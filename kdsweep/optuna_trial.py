@@ -23,6 +23,7 @@ PRUNERS = {
     "percentile": optuna.pruners.PercentilePruner,
     "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
+    "threshold": optuna.pruners.ThresholdPruner,
 }
 
 
@@ -82,7 +83,12 @@ class PruningCallback(pl.Callback):
             return
         epoch = trainer.current_epoch
         value = float(value)
-        if math.isfinite(value):
-            self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
+        prune = False
+        if trainer.is_global_zero:
+            # Rank 0 alone reports and queries the pruner, and every rank follows its decision, so all
+            # ranks stop together and the trial gets one value per epoch.
+            if math.isfinite(value):
+                self.trial.report(value, step=epoch)
+            prune = self.trial.should_prune()
+        if trainer.strategy.broadcast(prune, src=0):
             raise optuna.TrialPruned(f"pruned after epoch {epoch} with {self.monitor}={value:.4f}")

@@ -22,10 +22,9 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdsweep import optuna_trial, tracking
+from kdsweep import distributed, optuna_trial, tracking
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
 from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits, with_extra_tensors
-from kdsweep.distributed import ProcessGroupCleanup
 from kdsweep.models import build_model, count_parameters
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
@@ -50,6 +49,8 @@ class Prepared:
     student: nn.Module
     # Processes that the trainer settings start per run: 1 unless a data-parallel strategy is set.
     processes: int
+    # Whether Lightning starts processes 1 and up by running the command line again (not SLURM or torchrun).
+    starts_processes_by_command: bool
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -68,9 +69,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
-    processes = _check_trainer(cfg).world_size
+    trainer = _check_trainer(cfg)
     _check_cache_folder(Path(to_absolute_path(cfg.teacher_cache_dir)))
-    return Prepared(splits=splits, teacher=teacher, student=student, processes=processes)
+    return Prepared(splits=splits, teacher=teacher, student=student, processes=trainer.world_size,
+                    starts_processes_by_command=distributed.starts_processes_by_command(trainer))
 
 
 def _check_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -81,25 +83,20 @@ def _check_trainer(cfg: DictConfig) -> pl.Trainer:
                           f"{torch.cuda.device_count()} CUDA GPUs are present; lower trainer.devices, or train on "
                           f"CPU with trainer.accelerator=cpu (or trainer=ddp_cpu for several processes)")
     try:
-        return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False,
-                          enable_checkpointing=False, enable_model_summary=False)
+        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False,
+                             enable_checkpointing=False, enable_model_summary=False)
     except Exception as error:  # Lightning raises several types for unusable accelerators and devices.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
+    if trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator) and not _gloo_available():
+        raise ConfigError(f"trainer.strategy={cfg.trainer.get('strategy')}, trainer.accelerator={accelerator}: "
+                          f"processes on CPU synchronise through gloo, which this torch build lacks; set "
+                          f"trainer.devices=1, or install a torch build with torch.distributed and gloo")
+    return trainer
 
 
-def check_sweep_trainer(cfg: DictConfig, prepared: Prepared) -> None:
-    """Reject trainer settings that start several processes per trial, which a sweep cannot run yet.
-
-    Lightning's ``ddp`` strategy starts its extra processes by running the command line again,
-    and in a sweep that command line is the sweep itself.
-    """
-    if prepared.processes > 1:
-        raise ConfigError(
-            f"trainer: strategy={cfg.trainer.get('strategy', 'auto')} with {prepared.processes} processes per "
-            f"trial is not supported in a sweep yet; sweep with trainer.devices=1 (and hydra.sweeper.n_jobs "
-            f"for parallel trials), or train single runs with this trainer"
-        )
+def _gloo_available() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
 
 def _check_cache_folder(folder: Path) -> None:
@@ -113,12 +110,17 @@ def _check_cache_folder(folder: Path) -> None:
         raise ConfigError(f"teacher_cache_dir={str(folder)!r}: {existing} is not writable")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train the teacher if it is not cached, then the student; return the student's results."""
+def run(cfg: DictConfig, *, sweep_job: bool = False) -> dict[str, Any]:
+    """Train the teacher if it is not cached, then the student; return the student's results.
+
+    A sweep job (``sweep_job=True``) whose trainer starts processes by running the command line
+    again runs as a single run in a new process (see ``kdsweep.distributed``).
+    """
     if rank_zero_only.rank > 0:
-        # The other data-parallel ranks repeat rank 0's steps; rank 0 alone reports them.
-        logging.getLogger("kdsweep").setLevel(logging.WARNING)
+        _log_warnings_only_to_console()
     prepared = prepare(cfg)
+    if sweep_job and prepared.starts_processes_by_command:
+        return distributed.run_as_single_run(cfg)
     splits = prepared.splits
     if cfg.distill.alpha == 0:
         return _train_student(cfg, prepared.student, None, None, splits)
@@ -183,7 +185,7 @@ def _teacher_logits(cfg: DictConfig, teacher: FrozenTeacher, key: str,
                   for split in sizes}
         if rank_zero_only.rank == 0:
             cache.save_logits(key, logits)
-        log.info("Computed and cached the logits of teacher %s on %s", key, device)
+            log.info("Computed and cached the logits of teacher %s on %s", key, device)
     return logits, "computed"
 
 
@@ -196,6 +198,16 @@ def _cache_lock(cache: TeacherCache, key: str) -> contextlib.AbstractContextMana
     vanish while rank 0 holds the lock, and once written it stays.
     """
     return cache.lock(key) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+
+
+def _log_warnings_only_to_console() -> None:
+    """Keep a data-parallel rank other than 0 quiet on the console; its log file still gets every line.
+
+    The other ranks repeat rank 0's steps, so rank 0 alone reports them on the console.
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _inference_device(accelerator: str) -> torch.device:
@@ -232,7 +244,8 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
     sweep_trial = optuna_trial.trial_from_environment()
     if sweep_trial is not None:
         trial, monitor = sweep_trial
-        trial.set_user_attr("mlflow_run_id", logger.run_id)
+        if rank_zero_only.rank == 0:  # The other ranks have no MLflow run.
+            trial.set_user_attr("mlflow_run_id", logger.run_id)
         if len(trial.study.directions) == 1:  # Optuna takes intermediate values from single-objective trials only.
             callbacks.append(optuna_trial.PruningCallback(trial, monitor))
     with tracking.run_status(logger, pruned=(optuna.TrialPruned,)):
@@ -252,8 +265,9 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
             f"{PERF_PREFIX}mlflow_setup_seconds": mlflow_setup_seconds,
             f"{PERF_PREFIX}run_seconds": time.perf_counter() - run_started,
         })
-    log.info("Student run %s finished: val/acc %.4f, test/acc %.4f", logger.run_id, metrics["val/acc"],
-             metrics["test/acc"])
+    if logger.run_id is not None:  # Data-parallel ranks other than 0 have no run.
+        log.info("Student run %s finished: val/acc %.4f, test/acc %.4f", logger.run_id, metrics["val/acc"],
+                 metrics["test/acc"])
     return {
         "metrics": metrics,
         "distill": {"distill.temperature": float(cfg.distill.temperature), "distill.alpha": float(cfg.distill.alpha)},
@@ -291,7 +305,8 @@ def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.Ru
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=training.max_epochs,
         logger=logger,
-        callbacks=[*(callbacks or []), TimingCallback(len(splits.train)), ProcessGroupCleanup()],
+        callbacks=[*(callbacks or []), TimingCallback(len(splits.train)),
+                   distributed.ProcessGroupCleanup()],
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

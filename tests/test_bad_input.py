@@ -26,8 +26,6 @@ CASES = {
     "more GPUs than present": ([*FAST, "trainer=ddp", "trainer.devices=64"],
                                ["trainer.devices=64", "GPUs are present", "trainer=ddp_cpu"]),
     "unknown accelerator": ([*FAST, "trainer.accelerator=abacus"], ["trainer:", "abacus"]),
-    "multi-process trials in a sweep": ([*FAST, *SWEEP, "trainer=ddp_cpu"],
-                                        ["trainer: strategy=ddp with 2 processes", "trainer.devices=1"]),
     "test fraction above one": ([*FAST, "data.test_fraction=1.5"], ["data.test_fraction=1.5", "between 0 and 1"]),
     "seed past 32 bits": ([*FAST, "seed=99999999999"], ["seed=99999999999", "4294967295"]),
     "empty experiment name": ([*FAST, "tracking.experiment=''"], ["tracking.experiment=''", "non-empty"]),

@@ -1,20 +1,29 @@
 """Data parallelism on CPU processes (gloo): sharding, metrics and a 2-process run end to end."""
 
 import functools
+import re
 import subprocess
 import sys
 
+import optuna
 import pytest
 import pytorch_lightning as pl
 import torch
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
 from torch.utils.data import TensorDataset
 
 from conftest import FAST
+from kdsweep import train
+from kdsweep.checks import ConfigError
 from kdsweep.data import DataSplits, IndexBatchSampler, TensorDataModule
 from kdsweep.distributed import ProcessGroupCleanup
 from kdsweep.models import MLP
 from kdsweep.modules import DistillationModule
+
+SWEEP = ["sweep=temperature_alpha", "trainer=ddp_cpu"]
+STUDY = "temperature_alpha-digits"
 
 
 @pytest.mark.parametrize("size", [10, 11, 97])
@@ -99,3 +108,60 @@ print("initialized after exit handlers:", dist.is_initialized())
 
     assert result.returncode == 0, result.stderr
     assert "initialized after exit handlers: False" in result.stdout
+
+
+def load_study(folder) -> optuna.Study:
+    backend = optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal"))
+    return optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(backend))
+
+
+def student_runs(tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("kdsweep-digits")
+    return client.search_runs([experiment.experiment_id], "tags.`kdsweep.role` = 'student'")
+
+
+def trial_folder(tmp_path, number: int):
+    (folder,) = tmp_path.glob(f"multirun/*/*/{number}")
+    return folder
+
+
+def test_two_process_trials_in_sweep(kdsweep, tmp_path, tracking_uri):
+    kdsweep(*FAST, *SWEEP, "hydra.sweeper.n_trials=2")
+
+    trials = load_study(tmp_path).trials
+    assert [trial.state for trial in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    runs = student_runs(tracking_uri)
+    assert sorted(run.data.tags["optuna.trial_number"] for run in runs) == ["0", "1"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert all(run.data.tags["kdsweep.device_count"] == "2" for run in runs)
+    for trial in trials:
+        expected = (f"distils with temperature {trial.params['distill.temperature']} "
+                    f"and alpha {trial.params['distill.alpha']}")
+        for rank in (0, 1):
+            log = (trial_folder(tmp_path, trial.number) / f"train_ddp_process_{rank}.log").read_text()
+            assert f"Process {rank} of 2 {expected}" in log
+
+
+def test_pruned_two_process_trial_stops_both_ranks(kdsweep, tmp_path, tracking_uri):
+    # No validation accuracy reaches 2, so the threshold pruner prunes after the first epoch.
+    kdsweep(*FAST, *SWEEP, "hydra.sweeper.n_trials=1", "hydra.sweeper.pruner=threshold",
+            "+hydra.sweeper.pruner_options.lower=2.0")
+
+    (trial,) = load_study(tmp_path).trials
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [0]
+    (run,) = student_runs(tracking_uri)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["optuna.trial_state"] == "PRUNED"
+    for rank in (0, 1):
+        log = (trial_folder(tmp_path, 0) / f"train_ddp_process_{rank}.log").read_text()
+        assert re.search(r"Trial pruned: pruned after epoch 0 with val/acc=", log), log
+
+
+def test_cpu_processes_without_gloo_rejected(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_gloo_available", lambda: False)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "strategy": "ddp", "devices": 2}})
+
+    with pytest.raises(ConfigError, match=r"trainer.strategy=ddp, trainer.accelerator=cpu: .* gloo"):
+        train._check_trainer(cfg)

@@ -6,12 +6,9 @@ Each worker runs the job with Hydra's own ``run_job``, limits its CPU threads to
 cores, and, where GPUs exist, is given only its own GPUs through ``CUDA_VISIBLE_DEVICES``.
 """
 
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
-import sys
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Sequence
 
@@ -21,6 +18,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
+
+from kdsweep.distributed import end_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +70,12 @@ class TrialProcessPool:
 
 
 def _start_worker(slots: Any, threads: int) -> None:
-    _end_with_parent()
+    end_with_parent()
     os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-
-
-def _end_with_parent() -> None:
-    """Ask Linux to stop this worker when the sweep process dies, so no trial runs on unobserved."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _run_trial_job(payload: bytes, singleton_state: bytes, overrides: list[str], job_num: int) -> bytes:

@@ -33,7 +33,7 @@ class OptunaSweeperConf:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     seed: Optional[int] = 0
 
-    # One of none, median, percentile, successive_halving, hyperband, with the pruner class's
+    # One of none, median, percentile, successive_halving, hyperband, threshold, with the pruner class's
     # keyword arguments in pruner_options. Each trial reports the first metric after every epoch.
     pruner: str = "none"
     pruner_options: dict[str, Any] = field(default_factory=dict)
