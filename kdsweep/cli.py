@@ -5,6 +5,7 @@ the Optuna sweep defined in ``sweeps/NAME.yaml``. Any config value can be overri
 command line with Hydra's syntax (``distill.alpha=0.7 data=mnist``).
 """
 
+import importlib.util
 import os
 import re
 import sys
@@ -23,6 +24,11 @@ SWEEPS_DIR = CHECKOUT / "sweeps"
 
 # Overrides such as data=mnist or +sweep=temperature_alpha,foo that select config group options.
 _GROUP_OVERRIDE = re.compile(r"^[+~]{0,2}([a-z_]+)=([A-Za-z0-9_.,-]+)$")
+_LAUNCHER_OVERRIDE = re.compile(r"^hydra/launcher=(\S+)$")
+# Launcher options that the hydra-submitit-launcher package provides, or that build on them.
+SUBMITIT_LAUNCHERS = ("submitit_slurm", "submitit_local", "kdsweep_slurm")
+# An environment variable that a config reads without a default: ${oc.env:NAME}.
+_REQUIRED_VARIABLE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -71,6 +77,9 @@ def check_arguments(arguments: list[str]) -> Optional[str]:
             details = [text.strip() for text in str(error).splitlines()
                        if text.strip() and not text.startswith(("Error parsing override", "See https"))]
             return f"{line}: invalid override ({details[0] if details else error})"
+    error = _check_launcher(parsed.overrides)
+    if error:
+        return error
     if parsed.config_dir is not None:
         return None  # Group options may also come from the extra config folder.
 
@@ -83,7 +92,27 @@ def check_arguments(arguments: list[str]) -> Optional[str]:
         for value in values.split(","):
             if value not in options[group] and value != "null":
                 return f"{group}={value}: unknown {group}; choose one of {', '.join(options[group])}"
+            if group == "cluster" and value != "null":
+                missing = [name for name in _REQUIRED_VARIABLE.findall((CONF_DIR / group / f"{value}.yaml").read_text())
+                           if not os.environ.get(name)]
+                if missing:
+                    return (f"cluster={value}: environment variable {missing[0]} is not set; export "
+                            f"{', '.join(dict.fromkeys(missing))} first (see docs/cluster.md)")
     return None
+
+
+def _check_launcher(overrides: list[str]) -> Optional[str]:
+    """Return an error for a submitit launcher when the hydra-submitit-launcher package is missing."""
+    for line in overrides:
+        match = _LAUNCHER_OVERRIDE.match(line)
+        if match and match.group(1) in SUBMITIT_LAUNCHERS and not _submitit_installed():
+            return (f"hydra/launcher={match.group(1)}: the hydra-submitit-launcher package is not installed; "
+                    f"install it with pip install 'kdsweep[cluster]'")
+    return None
+
+
+def _submitit_installed() -> bool:
+    return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
 def main() -> None:

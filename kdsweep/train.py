@@ -53,11 +53,12 @@ class Prepared:
     starts_processes_by_command: bool
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def prepare(cfg: DictConfig, *, check_hardware: bool = True) -> Prepared:
     """Check the config, load the data and build both models, raising ConfigError on bad input.
 
     Nothing here trains or touches MLflow, so a sweep calls it on every config it will launch
-    before any trial starts.
+    before any trial starts. ``check_hardware=False`` checks the trainer settings as if on CPU,
+    for a sweep whose trials run on other machines.
     """
     check_config(cfg)
     try:
@@ -69,26 +70,31 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
-    trainer = _check_trainer(cfg)
+    trainer = _check_trainer(cfg, check_hardware)
     _check_cache_folder(Path(to_absolute_path(cfg.teacher_cache_dir)))
     return Prepared(splits=splits, teacher=teacher, student=student, processes=trainer.world_size,
                     starts_processes_by_command=distributed.starts_processes_by_command(trainer))
 
 
-def _check_trainer(cfg: DictConfig) -> pl.Trainer:
+def _check_trainer(cfg: DictConfig, check_hardware: bool = True) -> pl.Trainer:
     """Build a Trainer from the trainer settings once, so that invalid ones fail before any run starts."""
-    accelerator, devices = cfg.trainer.get("accelerator"), cfg.trainer.get("devices")
+    settings = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not check_hardware:
+        # Mixed precision settings may exist only for the other machines' accelerators.
+        settings["accelerator"] = "cpu"
+        settings.pop("precision", None)
+    accelerator, devices = settings.get("accelerator"), settings.get("devices")
     if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
         raise ConfigError(f"trainer.accelerator={accelerator}, trainer.devices={devices}: "
                           f"{torch.cuda.device_count()} CUDA GPUs are present; lower trainer.devices, or train on "
                           f"CPU with trainer.accelerator=cpu (or trainer=ddp_cpu for several processes)")
     try:
-        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False,
-                             enable_checkpointing=False, enable_model_summary=False)
+        trainer = pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_model_summary=False)
     except Exception as error:  # Lightning raises several types for unusable accelerators and devices.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
-    if trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator) and not _gloo_available():
+    if check_hardware and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator) \
+            and not _gloo_available():
         raise ConfigError(f"trainer.strategy={cfg.trainer.get('strategy')}, trainer.accelerator={accelerator}: "
                           f"processes on CPU synchronise through gloo, which this torch build lacks; set "
                           f"trainer.devices=1, or install a torch build with torch.distributed and gloo")

@@ -30,6 +30,8 @@ CASES = {
     "seed past 32 bits": ([*FAST, "seed=99999999999"], ["seed=99999999999", "4294967295"]),
     "empty experiment name": ([*FAST, "tracking.experiment=''"], ["tracking.experiment=''", "non-empty"]),
     "unknown tracking scheme": ([*FAST, "tracking.uri=gopher://x"], ["tracking.uri='gopher://x'", "sqlite://"]),
+    "cluster without its variables": ([*FAST, *SWEEP, "cluster=slurm"],
+                                      ["cluster=slurm", "KDSWEEP_MLFLOW_URI is not set", "docs/cluster.md"]),
     "cache folder under a file": ([*FAST, "teacher_cache_dir=/dev/null/cache"],
                                   ["teacher_cache_dir='/dev/null/cache'", "not a folder"]),
     "zero hidden units": ([*FAST, "student.model.hidden_sizes=[0]"], ["student.model", "hidden_sizes", ">= 1"]),

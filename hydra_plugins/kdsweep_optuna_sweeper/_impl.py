@@ -7,12 +7,14 @@ and returns its final metrics, from which the study takes its objectives.
 
 import logging
 import math
+import shutil
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
 from hydra.core.plugins import Plugins
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
@@ -53,6 +55,9 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# Launchers whose jobs run on other machines (submitit's SLURM launcher, Ray's on AWS): the sweep
+# process checks their trainer settings without its own accelerators.
+REMOTE_LAUNCHERS = ("SlurmLauncher", "RayAWSLauncher")
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
@@ -115,6 +120,7 @@ class OptunaSweeperImpl(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Any]:
         with exit_on_config_error():
             self._check_settings()
+            self._check_launcher()
             space = build_search_space(self.params, arguments)
             if not space.distributions:
                 raise ConfigError("hydra.sweeper.params is empty: give at least one search range, "
@@ -191,6 +197,12 @@ class OptunaSweeperImpl(Sweeper):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r}: must be a number in [0, 1]")
 
+    def _check_launcher(self) -> None:
+        if type(self.launcher).__name__ == "SlurmLauncher" and not shutil.which("srun"):
+            choice = self.config.hydra.runtime.choices.get("hydra/launcher")
+            raise ConfigError(f"hydra/launcher={choice}: SLURM's srun is not on PATH; start the sweep on a "
+                              f"machine of the SLURM cluster, or use hydra/launcher=submitit_local")
+
     def _check_enqueued_points(self, space: SearchSpace) -> None:
         for index, point in enumerate(self.enqueue):
             if "val/agreement" in self.metrics and point.get("distill.alpha") == 0:
@@ -208,8 +220,9 @@ class OptunaSweeperImpl(Sweeper):
         """Compose and check the base config and the config at each end of every search range."""
         from kdsweep.train import prepare
 
+        hardware = self._trials_run_here()
         base_cfg = self._compose(space.fixed)
-        prepare(base_cfg)
+        prepare(base_cfg, check_hardware=hardware)
         if "distill.alpha" not in space.distributions:
             self._check_metrics_available(base_cfg)
         for key, distribution in space.distributions.items():
@@ -217,11 +230,15 @@ class OptunaSweeperImpl(Sweeper):
                 override = f"{key}={format_override_value(value)}"
                 try:
                     cfg = self._compose([*space.fixed, override])
-                    prepare(cfg)
+                    prepare(cfg, check_hardware=hardware)
                     self._check_metrics_available(cfg)
                 except ConfigError as error:
                     raise ConfigError(f"search range {key}={describe(distribution)} reaches {error}") from None
         return base_cfg
+
+    def _trials_run_here(self) -> bool:
+        """Return whether the launcher runs trials on this machine, so that its GPUs can be checked here."""
+        return type(self.launcher).__name__ not in REMOTE_LAUNCHERS
 
     def _check_metrics_available(self, cfg: DictConfig) -> None:
         if "val/agreement" in self.metrics and cfg.distill.alpha == 0:
@@ -328,11 +345,14 @@ class OptunaSweeperImpl(Sweeper):
         if self.n_jobs == 1:
             return self._run_trials_in_launcher(study, space, parent_run_id)
 
-        from hydra_plugins.kdsweep_optuna_sweeper._workers import TrialProcessPool
+        from hydra_plugins.kdsweep_optuna_sweeper._workers import LauncherPool, TrialProcessPool
 
-        devices = base_cfg.trainer.get("devices", 1)
-        pool = TrialProcessPool(self.n_jobs, self.hydra_context, self.config, self.task_function,
-                                devices_per_trial=devices if isinstance(devices, int) and devices > 0 else 1)
+        if isinstance(self.launcher, BasicLauncher):
+            devices = base_cfg.trainer.get("devices", 1)
+            pool = TrialProcessPool(self.n_jobs, self.hydra_context, self.config, self.task_function,
+                                    devices_per_trial=devices if isinstance(devices, int) and devices > 0 else 1)
+        else:
+            pool = LauncherPool(self.launcher)
         results: list[Any] = []
         running: dict[Future, optuna.Trial] = {}
         stopped = False

@@ -1,14 +1,19 @@
-"""Trial jobs in worker processes, so that ``n_jobs`` trials run at once and a new one starts as soon as any ends.
+"""Trial jobs that run ``n_jobs`` at a time, so that a new one starts as soon as any ends.
 
 Hydra's launchers run a batch of jobs and return when the whole batch is done. The sweeper instead
-submits one job at a time to a pool of ``n_jobs`` spawned processes and waits for the first to end.
-Each worker runs the job with Hydra's own ``run_job``, limits its CPU threads to its share of the
-cores, and, where GPUs exist, is given only its own GPUs through ``CUDA_VISIBLE_DEVICES``.
+submits one job at a time and waits for the first to end, in one of two ways:
+
+- ``TrialProcessPool``, with Hydra's basic launcher: a pool of ``n_jobs`` spawned processes. Each
+  worker runs the job with Hydra's own ``run_job``, limits its CPU threads to its share of the
+  cores, and, where GPUs exist, is given only its own GPUs through ``CUDA_VISIBLE_DEVICES``.
+- ``LauncherPool``, with any other launcher (submitit for SLURM): each job is a batch of one,
+  launched from its own thread, and the launcher places it and its GPUs.
 """
 
 import logging
 import multiprocessing
 import os
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Sequence
 
@@ -16,6 +21,7 @@ import cloudpickle
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
@@ -67,6 +73,38 @@ class TrialProcessPool:
 
     def shutdown(self, *, cancel: bool) -> None:
         self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+class LauncherPool:
+    """Trial jobs launched through a Hydra launcher, each as a batch of one from its own thread."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self._launcher = launcher
+
+    def submit(self, overrides: Sequence[str], job_num: int) -> Future:
+        """Start one trial job; the future's result is its JobReturn."""
+        future: Future = Future()
+
+        def launch() -> None:
+            try:
+                (job,) = self._launcher.launch([list(overrides)], initial_job_idx=job_num)
+            except BaseException as error:  # The launcher's own errors, e.g. a rejected cluster submission.
+                future.set_exception(error)
+            else:
+                future.set_result(job)
+
+        # Daemon threads, so that an interrupted sweep does not wait at exit for jobs to finish.
+        threading.Thread(target=launch, name=f"trial-job-{job_num}", daemon=True).start()
+        return future
+
+    @staticmethod
+    def job_return(future: Future) -> JobReturn:
+        return future.result()
+
+    def shutdown(self, *, cancel: bool) -> None:
+        # NOTE: a cancelled sweep stops waiting, but jobs already submitted to a cluster keep
+        # running until they end or the cluster's own tools (scancel) stop them.
+        return None
 
 
 def _start_worker(slots: Any, threads: int) -> None:
