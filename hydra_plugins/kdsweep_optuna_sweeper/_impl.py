@@ -126,6 +126,7 @@ class OptunaSweeperImpl(Sweeper):
                 raise ConfigError("hydra.sweeper.params is empty: give at least one search range, "
                                   "e.g. distill.alpha=interval(0,1)")
             base_cfg = self._check_trial_configs(space)
+            self._gpu_slots(base_cfg)
             self._check_enqueued_points(space)
             self.location = optuna_trial.storage_location(self.storage)
             study = self._open_study(space)
@@ -235,6 +236,23 @@ class OptunaSweeperImpl(Sweeper):
                 except ConfigError as error:
                     raise ConfigError(f"search range {key}={describe(distribution)} reaches {error}") from None
         return base_cfg
+
+    def _gpu_slots(self, base_cfg: DictConfig) -> list[Optional[str]]:
+        """Return the GPUs of each parallel trial worker (see ``gpu_slots``), raising ConfigError if they do not fit."""
+        from hydra_plugins.kdsweep_optuna_sweeper._workers import gpu_slots
+
+        if self.n_jobs == 1 or not isinstance(self.launcher, BasicLauncher):
+            return [None] * self.n_jobs
+        accelerator, devices = base_cfg.trainer.get("accelerator", "auto"), base_cfg.trainer.get("devices", 1)
+        import torch
+
+        if accelerator != "cpu" and not (isinstance(devices, int) and devices > 0) and torch.cuda.device_count() > 0:
+            raise ConfigError(f"trainer.devices={devices!r} with hydra.sweeper.n_jobs={self.n_jobs}: give the number "
+                              f"of devices per trial, so that each parallel trial gets GPUs of its own")
+        try:
+            return gpu_slots(self.n_jobs, devices if isinstance(devices, int) else 1, accelerator)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def _trials_run_here(self) -> bool:
         """Return whether the launcher runs trials on this machine, so that its GPUs can be checked here."""
@@ -348,9 +366,8 @@ class OptunaSweeperImpl(Sweeper):
         from hydra_plugins.kdsweep_optuna_sweeper._workers import LauncherPool, TrialProcessPool
 
         if isinstance(self.launcher, BasicLauncher):
-            devices = base_cfg.trainer.get("devices", 1)
             pool = TrialProcessPool(self.n_jobs, self.hydra_context, self.config, self.task_function,
-                                    devices_per_trial=devices if isinstance(devices, int) and devices > 0 else 1)
+                                    self._gpu_slots(base_cfg))
         else:
             pool = LauncherPool(self.launcher)
         results: list[Any] = []

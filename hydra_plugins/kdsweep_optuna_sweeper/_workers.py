@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
@@ -30,31 +30,46 @@ from kdsweep.distributed import end_with_parent
 log = logging.getLogger(__name__)
 
 
-def gpu_slots(n_jobs: int, devices_per_trial: int) -> list[str]:
-    """Split the visible GPUs into one ``CUDA_VISIBLE_DEVICES`` value per worker ("" when there are none)."""
+def gpu_slots(n_jobs: int, devices_per_trial: int, accelerator: str = "auto") -> list[Optional[str]]:
+    """Return one ``CUDA_VISIBLE_DEVICES`` value per worker, or None where a worker keeps the sweep's own.
+
+    CPU trials see no GPU. Otherwise each worker gets ``devices_per_trial`` GPUs of its own, named
+    as in the sweep's own ``CUDA_VISIBLE_DEVICES``. When the GPUs do not suffice, GPU trials raise
+    ValueError, and trials with accelerator auto share the visible GPUs.
+    """
     import torch
 
+    if accelerator == "cpu":
+        return [""] * n_jobs
     count = torch.cuda.device_count()
     if count == 0:
-        return [""] * n_jobs
-    if devices_per_trial * n_jobs > count:
-        raise ValueError(f"{n_jobs} parallel trials of {devices_per_trial} GPU(s) each need "
-                         f"{devices_per_trial * n_jobs} GPUs; {count} are visible")
-    return [",".join(str(slot * devices_per_trial + i) for i in range(devices_per_trial)) for slot in range(n_jobs)]
+        return [None] * n_jobs
+    needed = devices_per_trial * n_jobs
+    if needed > count:
+        if accelerator in ("gpu", "cuda"):
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs} trials with trainer.devices={devices_per_trial} GPUs "
+                             f"each need {needed} GPUs, but {count} are visible; lower hydra.sweeper.n_jobs or "
+                             f"trainer.devices")
+        log.warning("%d parallel trials of %d GPUs each need %d GPUs, but %d are visible, so the trials share them",
+                    n_jobs, devices_per_trial, needed, count)
+        return [None] * n_jobs
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",")][:count] if visible else [str(i) for i in range(count)]
+    return [",".join(names[slot * devices_per_trial:(slot + 1) * devices_per_trial]) for slot in range(n_jobs)]
 
 
 class TrialProcessPool:
     """A pool of spawned processes, each running one trial job at a time."""
 
     def __init__(self, n_jobs: int, hydra_context: HydraContext, config: DictConfig, task_function: TaskFunction,
-                 devices_per_trial: int = 1) -> None:
+                 slots: list[Optional[str]]) -> None:
         context = multiprocessing.get_context("spawn")
-        slots = context.Queue()
-        for slot in gpu_slots(n_jobs, devices_per_trial):
-            slots.put(slot)
+        queue = context.Queue()
+        for slot in slots:
+            queue.put(slot)
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
         self._executor = ProcessPoolExecutor(max_workers=n_jobs, mp_context=context, initializer=_start_worker,
-                                             initargs=(slots, threads))
+                                             initargs=(queue, threads))
         # cloudpickle, because the task function is the body of a @hydra.main function.
         self._payload = cloudpickle.dumps((hydra_context, config, task_function))
 
@@ -109,7 +124,9 @@ class LauncherPool:
 
 def _start_worker(slots: Any, threads: int) -> None:
     end_with_parent()
-    os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
+    slot = slots.get()
+    if slot is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
