@@ -7,7 +7,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from hydra import compose, initialize_config_dir
+
 from hydra_plugins.kdsweep_optuna_sweeper._workers import gpu_slots
+from kdsweep import cli, default_precision
 from kdsweep.data import DataSplits, TensorDataModule
 from kdsweep.models import MLP
 from kdsweep.modules import DistillationModule, FrozenTeacher
@@ -124,3 +127,27 @@ def test_bf16_mixed_one_hot_teacher_finite():
     assert trainer.callback_metrics["train/loss_soft"] > 0, "the soft-target term was not trained"
     for name, parameter in student.named_parameters():
         assert torch.isfinite(parameter).all(), f"student parameter {name} is not finite"
+
+
+@pytest.mark.parametrize("accelerator, available, bf16, expected", [
+    ("auto", True, True, "bf16-mixed"),
+    ("gpu", True, True, "bf16-mixed"),
+    ("gpu", True, False, "32-true"),
+    ("auto", False, False, "32-true"),
+    ("cpu", True, True, "32-true"),
+])
+def test_default_precision(monkeypatch, accelerator, available, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+
+    assert default_precision(accelerator) == expected
+
+
+@pytest.mark.parametrize("trainer", ["default", "ddp_cpu", "ddp"])
+def test_trainer_configs_resolve_precision(monkeypatch, trainer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"trainer={trainer}"])
+
+    assert cfg.trainer.precision == ("32-true" if trainer == "ddp_cpu" else "bf16-mixed")
