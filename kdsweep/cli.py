@@ -124,7 +124,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # pytorch-lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, on every run.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-    _app()
+    try:
+        _app()
+    except KeyboardInterrupt:
+        # The runs and trials were already ended as KILLED and FAIL on the way out.
+        print("kdsweep: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def end_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def run_as_single_run(cfg: DictConfig) -> dict[str, Any]:
+def run_as_single_run(cfg: DictConfig, processes: int) -> dict[str, Any]:
     """Run this sweep job's config as a single run in a new process and return that run's result.
 
     The config is saved in the job's output folder and the run writes its logs there too. A pruned
@@ -88,14 +88,13 @@ def run_as_single_run(cfg: DictConfig) -> dict[str, Any]:
         f'hydra.run.dir="{folder}"', "hydra.output_subdir=null", "hydra.job.chdir=false",
         f"hydra.job.name={RANK_ZERO_JOB_NAME}",
     ]
-    log.info("Running the job's %d processes as a single run: %s", cfg.trainer.devices, " ".join(command))
+    log.info("Running the job's %d processes as a single run: %s", processes, " ".join(command))
     process = subprocess.Popen(command, cwd=get_original_cwd(), env={**os.environ, RESULT_FILE_ENV: str(result_path)},
                                preexec_fn=end_with_parent)
     try:
         returncode = process.wait()
     except BaseException:
-        process.terminate()
-        process.wait()
+        _stop(process)
         raise
     if returncode != 0:
         raise TrialProcessesError(f"the single run of this job's processes exited with code {returncode}; "
@@ -106,6 +105,16 @@ def run_as_single_run(cfg: DictConfig) -> dict[str, Any]:
     if "pruned" in outcome:
         raise optuna.TrialPruned(outcome["pruned"])
     return outcome["result"]
+
+
+def _stop(process: subprocess.Popen, grace_seconds: float = 30) -> None:
+    """Stop the single run as Ctrl-C would, so that Lightning ends the ranks it started; kill it if that hangs."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_and_write_result(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig,

@@ -124,9 +124,11 @@ def run(cfg: DictConfig, *, sweep_job: bool = False) -> dict[str, Any]:
     """
     if rank_zero_only.rank > 0:
         _log_warnings_only_to_console()
+        # A rank that outlives rank 0 would wait for it in the next collective until gloo or NCCL time out.
+        distributed.end_with_parent()
     prepared = prepare(cfg)
     if sweep_job and prepared.starts_processes_by_command:
-        return distributed.run_as_single_run(cfg)
+        return distributed.run_as_single_run(cfg, prepared.processes)
     splits = prepared.splits
     if cfg.distill.alpha == 0:
         return _train_student(cfg, prepared.student, None, None, splits)

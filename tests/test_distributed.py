@@ -2,10 +2,13 @@
 
 import functools
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import optuna
+import psutil
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,7 +17,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from torch.utils.data import TensorDataset
 
-from conftest import FAST
+from conftest import FAST, kdsweep_environment
 from kdsweep import train
 from kdsweep.checks import ConfigError
 from kdsweep.data import DataSplits, IndexBatchSampler, TensorDataModule
@@ -158,3 +161,27 @@ def test_cpu_processes_without_gloo_rejected(monkeypatch):
 
     with pytest.raises(ConfigError, match=r"trainer.strategy=ddp, trainer.accelerator=cpu: .* gloo"):
         train._check_trainer(cfg)
+
+
+def test_interrupted_two_process_trial_leaves_no_process(tmp_path, tracking_uri):
+    arguments = ["trainer.enable_progress_bar=false", "student.max_epochs=1000", *SWEEP, "hydra.sweeper.n_trials=1"]
+    with open(tmp_path / "sweep.log", "w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *arguments], cwd=tmp_path,
+                                 env=kdsweep_environment(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("multirun/*/*/0/train_ddp_process_1.log")):
+        assert time.monotonic() < deadline and sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        time.sleep(1)
+    time.sleep(3)  # Both processes are training now.
+
+    sweep.send_signal(signal.SIGINT)
+
+    assert sweep.wait(timeout=120) == 130
+    assert "kdsweep: interrupted" in (tmp_path / "sweep.log").read_text()
+    leftover = [process.info["cmdline"] for process in psutil.process_iter(["cmdline"])
+                if str(tmp_path) in " ".join(process.info["cmdline"] or [])]
+    assert leftover == []
+    (trial,) = load_study(tmp_path).trials
+    assert trial.state == TrialState.FAIL
+    (run,) = runs_of_role(tracking_uri, "student")
+    assert run.info.status == "KILLED"
