@@ -65,6 +65,15 @@ fail_setup() {
     exit 2
 }
 
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+    # The header comment above is the help text.
+    sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+if [[ "${1:-}" == -* ]]; then
+    fail_setup "$1: unknown option; the arguments are [MNIST_ROOT [WORKDIR]], see --help"
+fi
+
 # Settings.
 
 accelerator="${KDSWEEP_GPU_CHECK_ACCELERATOR:-gpu}"

@@ -24,12 +24,13 @@ def summarize(study: optuna.Study, metrics: list[str], tracking_uri: str) -> str
     if len(metrics) > 1:
         lines += _pareto_front_table(study, metrics)
     else:
-        lines += _best_table(study, metrics[0], [t for t in trials if t.state == TrialState.COMPLETE])
+        lines += _best_table(study, metrics[0], [t for t in trials if t.state == TrialState.COMPLETE], trials)
     lines.append(f"Open the MLflow UI on this store: {ui_command(tracking_uri)}")
     return "\n".join(lines)
 
 
-def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial]) -> list[str]:
+def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial],
+                trials: list[FrozenTrial]) -> list[str]:
     lines = []
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     baseline = _best([t for t in completed if _alpha(t) == 0], maximize)
@@ -51,7 +52,12 @@ def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial]) 
                      trial.user_attrs.get("mlflow_run_id") or ""))
 
     lines += _format_table(header, rows)
-    if baseline is None:
+    attempts = [t for t in trials if t.params.get(ALPHA_KEY) == 0]
+    if baseline is None and attempts:
+        states = ", ".join(f"trial {t.number} {t.state.name}" for t in attempts)
+        lines.append(f"The alpha = 0 baseline did not complete ({states}); run the sweep again with a higher "
+                     f"hydra.sweeper.n_trials to retry it.")
+    elif baseline is None:
         lines.append(f"No alpha = 0 baseline ran; add {ALPHA_KEY}: 0.0 to hydra.sweeper.enqueue to include one.")
     return lines
 

@@ -7,6 +7,7 @@ the student's final metrics; the sweeper reads its objective from them.
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,21 +85,46 @@ def _check_trainer(cfg: DictConfig, check_hardware: bool = True) -> pl.Trainer:
         settings["accelerator"] = "cpu"
         settings.pop("precision", None)
     accelerator, devices = settings.get("accelerator"), settings.get("devices")
-    if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > torch.cuda.device_count():
-        raise ConfigError(f"trainer.accelerator={accelerator}, trainer.devices={devices}: "
-                          f"{torch.cuda.device_count()} CUDA GPUs are present; lower trainer.devices, or train on "
-                          f"CPU with trainer.accelerator=cpu (or trainer=ddp_cpu for several processes)")
+    _check_counts(settings)
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") and isinstance(devices, int) and devices > gpus:
+        fix = "lower trainer.devices, or train" if gpus else "train"
+        raise ConfigError(f"trainer.accelerator={accelerator}, trainer.devices={devices}: {gpus} CUDA GPUs are "
+                          f"present; {fix} on CPU with trainer.accelerator=cpu (or trainer=ddp_cpu for several "
+                          f"processes)")
     try:
         trainer = pl.Trainer(**settings, logger=False, enable_checkpointing=False, enable_model_summary=False)
     except Exception as error:  # Lightning raises several types for unusable accelerators and devices.
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"trainer: invalid Trainer settings ({type(error).__name__}: {message})") from None
+        key = next((key for key in TRAINER_KEYS if key in message), None)
+        where = f"trainer.{key}={settings.get(key)!r}" if key else "trainer"
+        raise ConfigError(f"{where}: invalid Trainer setting ({type(error).__name__}: {message})") from None
     if check_hardware and trainer.world_size > 1 and isinstance(trainer.accelerator, CPUAccelerator) \
             and not _gloo_available():
         raise ConfigError(f"trainer.strategy={cfg.trainer.get('strategy')}, trainer.accelerator={accelerator}: "
                           f"processes on CPU synchronise through gloo, which this torch build lacks; set "
                           f"trainer.devices=1, or install a torch build with torch.distributed and gloo")
     return trainer
+
+
+# Trainer settings that Lightning's error messages name, checked in this order to find the culprit.
+TRAINER_KEYS = ("precision", "strategy", "num_nodes", "devices", "accelerator")
+# Valid string forms of trainer.devices: "auto", a count such as "2" or -1, or device ids such as "0,1".
+_DEVICES_TEXT = re.compile(r"^(auto|-1|\d+|\d+(,\d+)+,?)$")
+
+
+def _check_counts(settings: dict) -> None:
+    """Reject device and node counts that Lightning would reject with a message naming neither."""
+    devices = settings.get("devices", "auto")
+    valid = (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)) \
+        or (isinstance(devices, str) and _DEVICES_TEXT.match(devices.strip()) and devices.strip() != "0") \
+        or (isinstance(devices, list) and devices and all(isinstance(index, int) and index >= 0 for index in devices))
+    if not valid:
+        raise ConfigError(f"trainer.devices={devices!r}: give a number of devices >= 1, -1 for all of them, auto, "
+                          f"or a list of device indices such as [0,1]")
+    nodes = settings.get("num_nodes", 1)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r}: must be a whole number >= 1")
 
 
 def _gloo_available() -> bool:

@@ -1,8 +1,12 @@
 """Bad input is rejected with one line naming the key, the value and what is allowed, before any work."""
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from conftest import FAST
+from kdsweep import train
+from kdsweep.checks import ConfigError
 
 SWEEP = ["sweep=temperature_alpha", "hydra.sweeper.n_trials=2"]
 
@@ -22,10 +26,10 @@ CASES = {
     "missing data root": ([*FAST, "data=mnist", "data.root=/nonexistent/kdsweep", "data.download=false"],
                           ["data.root='/nonexistent/kdsweep'", "data.download=true"]),
     "negative learning rate": ([*FAST, "student.optimizer.lr=-1"], ["student.optimizer", "learning rate"]),
-    "unusable accelerator": ([*FAST, "trainer.accelerator=mps"], ["trainer:", "MPSAccelerator"]),
+    "unusable accelerator": ([*FAST, "trainer.accelerator=mps"], ["trainer.accelerator='mps'", "MPSAccelerator"]),
     "more GPUs than present": ([*FAST, "trainer=ddp", "trainer.devices=64"],
                                ["trainer.devices=64", "GPUs are present", "trainer=ddp_cpu"]),
-    "unknown accelerator": ([*FAST, "trainer.accelerator=abacus"], ["trainer:", "abacus"]),
+    "unknown accelerator": ([*FAST, "trainer.accelerator=abacus"], ["trainer.accelerator='abacus'", "cpu"]),
     "test fraction above one": ([*FAST, "data.test_fraction=1.5"], ["data.test_fraction=1.5", "between 0 and 1"]),
     "seed past 32 bits": ([*FAST, "seed=99999999999"], ["seed=99999999999", "4294967295"]),
     "empty experiment name": ([*FAST, "tracking.experiment=''"], ["tracking.experiment=''", "non-empty"]),
@@ -82,3 +86,23 @@ def test_bad_input_rejected_before_work(kdsweep, tmp_path, arguments, expected):
     assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created before the error"
     assert not (tmp_path / "teacher_cache").exists(), "a teacher was trained before the error"
     assert not (tmp_path / "optuna.journal").exists(), "an Optuna study was created before the error"
+
+
+TRAINER_CASES = {
+    "zero devices": ({"devices": 0}, "trainer.devices=0: give a number of devices >= 1, -1 for all of them, auto"),
+    "negative devices": ({"devices": -3}, "trainer.devices=-3: give a number of devices >= 1"),
+    "devices not a number": ({"devices": "abc"}, "trainer.devices='abc': give a number of devices >= 1"),
+    "zero nodes": ({"num_nodes": 0}, "trainer.num_nodes=0: must be a whole number >= 1"),
+    "unknown precision": ({"precision": "fp8"}, "trainer.precision='fp8': invalid Trainer setting .*bf16-mixed"),
+    "GPU trainer without GPUs": ({"accelerator": "gpu"}, "trainer.accelerator=gpu, trainer.devices=1: 0 CUDA GPUs "
+                                                         "are present; train on CPU with trainer.accelerator=cpu"),
+}
+
+
+@pytest.mark.parametrize("settings, message", TRAINER_CASES.values(), ids=TRAINER_CASES.keys())
+def test_trainer_settings_rejected(monkeypatch, settings, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1, **settings}})
+
+    with pytest.raises(ConfigError, match=message):
+        train._check_trainer(cfg)

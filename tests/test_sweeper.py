@@ -320,3 +320,36 @@ def test_heartbeat_stamps_running_trials():
     heartbeat.stop()
 
     assert study.trials[0].user_attrs[HEARTBEAT_ATTR] > time.time() - 5
+
+
+def test_failed_enqueued_point_queued_again(tmp_path):
+    from hydra_plugins.kdsweep_optuna_sweeper._search_space import build_search_space
+
+    space = build_search_space({}, ["distill.alpha=interval(0, 1)", "distill.temperature=interval(1, 20)"])
+    baseline, other = {"distill.alpha": 0.0, "distill.temperature": 1.0}, {"distill.alpha": 0.5, "distill.temperature": 4.0}
+    sweeper = make_sweeper(tmp_path, enqueue=[baseline, other])
+    study = sweeper._open_study(space)
+    for state in (TrialState.FAIL, TrialState.COMPLETE):  # The baseline failed; the other point completed.
+        trial = study.ask(space.distributions)
+        study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+
+    reopened = make_sweeper(tmp_path, enqueue=[baseline, other])._open_study(space)
+
+    waiting = reopened.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [trial.system_attrs["fixed_params"] for trial in waiting] == [baseline]
+
+
+def test_summary_names_failed_baseline():
+    from kdsweep import summary
+
+    study = optuna.create_study(direction="maximize")
+    alpha = optuna.distributions.FloatDistribution(0, 1)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"distill.alpha": 0.0},
+                                              distributions={"distill.alpha": alpha}))
+    study.add_trial(optuna.trial.create_trial(
+        value=0.9, params={"distill.alpha": 0.5}, distributions={"distill.alpha": alpha},
+        user_attrs={"distill": {"distill.alpha": 0.5, "distill.temperature": 4.0}, "metrics": {"test/acc": 0.8}}))
+
+    table = summary.summarize(study, ["val/acc"], "sqlite:///mlflow.db")
+
+    assert "The alpha = 0 baseline did not complete (trial 0 FAIL)" in table

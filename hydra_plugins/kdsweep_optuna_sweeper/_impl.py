@@ -297,8 +297,11 @@ class OptunaSweeperImpl(Sweeper):
             # A resumed study draws from a seed moved on by its trial count, so it does not repeat
             # the points of its first session, and a rerun of the same history still repeats exactly.
             study.sampler = self._make_sampler(space, self.seed + len(study.trials))
+        existing = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.FAIL]
         for point in self.enqueue:
-            study.enqueue_trial(point, skip_if_exists=True)
+            # A point whose every trial failed (a baseline cut short by Ctrl-C, say) is tried again.
+            if not any(_has_point(trial, point) for trial in existing):
+                study.enqueue_trial(point)
         return study
 
     def _make_sampler(self, space: SearchSpace, seed: Optional[int]) -> optuna.samplers.BaseSampler:
@@ -535,6 +538,20 @@ def _as_list(value: Any) -> list[Any]:
 def _describe_params(params: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in params.items())
+
+
+def _has_point(trial: optuna.trial.FrozenTrial, point: dict[str, Any]) -> bool:
+    """Return whether the trial has, or is queued with, the parameter values of ``point``."""
+    params = trial.params or trial.system_attrs.get("fixed_params", {})
+    for key, value in point.items():
+        if key not in params:
+            return False
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isclose(float(params[key]), float(value), rel_tol=0.0, abs_tol=1e-12):
+                return False
+        elif params[key] != value:
+            return False
+    return True
 
 
 def _contains(distribution: BaseDistribution, value: Any) -> bool:
