@@ -1,11 +1,15 @@
 """Bad input is rejected with one line naming the key, the value and what is allowed, before any work."""
 
+import logging
+import os
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST
-from kdsweep import train
+from kdsweep import cli, train
 from kdsweep.checks import ConfigError
 
 SWEEP = ["sweep=temperature_alpha", "hydra.sweeper.n_trials=2"]
@@ -73,19 +77,57 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("arguments, expected", CASES.values(), ids=CASES.keys())
-def test_bad_input_rejected_before_work(kdsweep, tmp_path, arguments, expected):
-    result = kdsweep(*arguments, expect_success=False)
+def run_in_process(arguments: list[str], folder, monkeypatch, capfd) -> tuple[int, str]:
+    """Run the ``kdsweep`` command's entry point in this process and return its exit status and stderr.
 
-    assert result.returncode != 0
-    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(error_lines) == 1, f"expected one line, got:\n{result.stderr}"
+    In-process runs skip the 5 s start of a new Python process for each of the many cases here;
+    ``test_command_exits_with_one_line`` checks the same path through the real command.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.chdir(folder)
+    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "KDSWEEP_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["kdsweep", *arguments])
+    capfd.readouterr()
+    try:
+        cli.main()
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    finally:
+        GlobalHydra.instance().clear()
+        logging.getLogger().handlers.clear()  # Hydra's job logging writes to this test's folder.
+    return status, capfd.readouterr().err
+
+
+def assert_rejected_before_work(status, stderr: str, folder, expected: list[str]) -> None:
+    assert status != 0
+    error_lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1, f"expected one line, got:\n{stderr}"
     for fragment in expected:
         assert fragment in error_lines[0]
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created before the error"
-    assert not (tmp_path / "teacher_cache").exists(), "a teacher was trained before the error"
-    assert not (tmp_path / "optuna.journal").exists(), "an Optuna study was created before the error"
+    assert "Traceback" not in stderr
+    assert not (folder / "mlflow.db").exists(), "an MLflow store was created before the error"
+    assert not (folder / "teacher_cache").exists(), "a teacher was trained before the error"
+    assert not (folder / "optuna.journal").exists(), "an Optuna study was created before the error"
+
+
+@pytest.mark.parametrize("arguments, expected", CASES.values(), ids=CASES.keys())
+def test_bad_input_rejected_before_work(tmp_path, monkeypatch, capfd, arguments, expected):
+    status, stderr = run_in_process(arguments, tmp_path, monkeypatch, capfd)
+
+    assert_rejected_before_work(status, stderr, tmp_path, expected)
+
+
+@pytest.mark.parametrize("case", ["zero temperature", "unknown data group", "unknown sampler"])
+def test_command_exits_with_one_line(kdsweep, tmp_path, case):
+    arguments, expected = CASES[case]
+
+    result = kdsweep(*arguments, expect_success=False)
+
+    assert result.returncode == 2
+    assert_rejected_before_work(result.returncode, result.stderr, tmp_path, expected)
 
 
 TRAINER_CASES = {
