@@ -80,7 +80,7 @@ CASES = {
 def run_in_process(arguments: list[str], folder, monkeypatch, capfd) -> tuple[int, str]:
     """Run the ``kdsweep`` command's entry point in this process and return its exit status and stderr.
 
-    In-process runs skip the 5 s start of a new Python process for each of the many cases here;
+    A new Python process takes about 5 s to start, so the many cases here run in this process.
     ``test_command_exits_with_one_line`` checks the same path through the real command.
     """
     from hydra.core.global_hydra import GlobalHydra
