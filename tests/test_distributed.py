@@ -170,7 +170,8 @@ def test_interrupted_two_process_trial_leaves_no_process(tmp_path, tracking_uri)
                                  env=kdsweep_environment(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("multirun/*/*/0/train_ddp_process_1.log")):
-        assert time.monotonic() < deadline and sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "process 1 did not start within 120 s"
         time.sleep(1)
     time.sleep(3)  # Both processes are training now.
 
