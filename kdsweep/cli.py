@@ -77,7 +77,7 @@ def check_arguments(arguments: list[str]) -> Optional[str]:
             details = [text.strip() for text in str(error).splitlines()
                        if text.strip() and not text.startswith(("Error parsing override", "See https"))]
             return f"{line}: invalid override ({details[0] if details else error})"
-    error = _check_launcher(parsed.overrides)
+    error = _check_launcher_package(parsed.overrides)
     if error:
         return error
     if parsed.config_dir is not None:
@@ -101,7 +101,7 @@ def check_arguments(arguments: list[str]) -> Optional[str]:
     return None
 
 
-def _check_launcher(overrides: list[str]) -> Optional[str]:
+def _check_launcher_package(overrides: list[str]) -> Optional[str]:
     """Return an error for a submitit launcher when the hydra-submitit-launcher package is missing."""
     for line in overrides:
         match = _LAUNCHER_OVERRIDE.match(line)

@@ -3,8 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 
 torch.set_num_threads(1)  # See OMP_NUM_THREADS in run_kdsweep.
 
@@ -73,3 +75,16 @@ def kdsweep(tmp_path):
 @pytest.fixture
 def tracking_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def runs_of_role(tracking_uri: str, role: str, experiment: str = "kdsweep-digits") -> list:
+    """Return the MLflow runs of ``experiment`` whose tag ``kdsweep.role`` is ``role``."""
+    client = MlflowClient(tracking_uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              filter_string=f"tags.`kdsweep.role` = '{role}'")
+
+
+def journal_study(folder: Path, name: str) -> optuna.Study:
+    """Load study ``name`` from the Optuna journal file ``optuna.journal`` in ``folder``."""
+    backend = optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal"))
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))

@@ -6,14 +6,13 @@ import sys
 import time
 import urllib.request
 
-import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from conftest import FAST, kdsweep_environment
+from conftest import FAST, journal_study, kdsweep_environment, runs_of_role
 from kdsweep import cli, train
 from kdsweep.checks import ConfigError
 from test_postgres import free_port, postgres_url  # noqa: F401 (a fixture)
@@ -71,13 +70,10 @@ def test_submitit_local_sweep_reaches_optuna_and_mlflow(kdsweep, tmp_path, track
     kdsweep(*FAST, "sweep=temperature_alpha", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
             "hydra/launcher=submitit_local")
 
-    backend = optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
-    study = optuna.load_study(study_name="temperature_alpha-digits", storage=optuna.storages.JournalStorage(backend))
+    study = journal_study(tmp_path, "temperature_alpha-digits")
     assert [trial.state for trial in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.`kdsweep.role` = 'sweep'")
-    students = client.search_runs([experiment.experiment_id], "tags.`kdsweep.role` = 'student'")
+    (parent,) = runs_of_role(tracking_uri, "sweep")
+    students = runs_of_role(tracking_uri, "student")
     assert {run.data.tags["mlflow.parentRunId"] for run in students} == {parent.info.run_id}
     assert {run.info.run_id for run in students} == {trial.user_attrs["mlflow_run_id"] for trial in study.trials}
     # submitit writes one folder per job, with the job's own output.

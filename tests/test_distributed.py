@@ -7,17 +7,15 @@ import subprocess
 import sys
 import time
 
-import optuna
 import psutil
 import pytest
 import pytorch_lightning as pl
 import torch
-from mlflow import MlflowClient
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from torch.utils.data import TensorDataset
 
-from conftest import FAST, kdsweep_environment
+from conftest import FAST, journal_study, kdsweep_environment, runs_of_role
 from kdsweep import train
 from kdsweep.checks import ConfigError
 from kdsweep.data import DataSplits, IndexBatchSampler, TensorDataModule
@@ -97,17 +95,6 @@ print("initialized after exit handlers:", dist.is_initialized())
     assert "initialized after exit handlers: False" in result.stdout
 
 
-def load_study(folder) -> optuna.Study:
-    backend = optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal"))
-    return optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(backend))
-
-
-def runs_of_role(tracking_uri: str, role: str) -> list:
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    return client.search_runs([experiment.experiment_id], f"tags.`kdsweep.role` = '{role}'")
-
-
 def trial_folder(tmp_path, number: int):
     (folder,) = tmp_path.glob(f"multirun/*/*/{number}")
     return folder
@@ -117,7 +104,7 @@ def test_two_process_trials_in_sweep(kdsweep, tmp_path, tracking_uri):
     # Trial 0 is the alpha = 0 baseline. Trial 1 distils, so its single run trains the teacher too.
     result = kdsweep(*FAST, *SWEEP, "hydra.sweeper.n_trials=2")
 
-    trials = load_study(tmp_path).trials
+    trials = journal_study(tmp_path, STUDY).trials
     assert [trial.state for trial in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     students = runs_of_role(tracking_uri, "student")
     assert sorted(run.data.tags["optuna.trial_number"] for run in students) == ["0", "1"]
@@ -144,7 +131,7 @@ def test_pruned_two_process_trial_stops_both_ranks(kdsweep, tmp_path, tracking_u
     kdsweep(*FAST, *SWEEP, "hydra.sweeper.n_trials=1", "hydra.sweeper.pruner=threshold",
             "+hydra.sweeper.pruner_options.lower=2.0")
 
-    (trial,) = load_study(tmp_path).trials
+    (trial,) = journal_study(tmp_path, STUDY).trials
     assert trial.state == TrialState.PRUNED
     assert list(trial.intermediate_values) == [0]
     (run,) = runs_of_role(tracking_uri, "student")
@@ -182,7 +169,7 @@ def test_interrupted_two_process_trial_leaves_no_process(tmp_path, tracking_uri)
     leftover = [process.info["cmdline"] for process in psutil.process_iter(["cmdline"])
                 if str(tmp_path) in " ".join(process.info["cmdline"] or [])]
     assert leftover == []
-    (trial,) = load_study(tmp_path).trials
+    (trial,) = journal_study(tmp_path, STUDY).trials
     assert trial.state == TrialState.FAIL
     (run,) = runs_of_role(tracking_uri, "student")
     assert run.info.status == "KILLED"

@@ -4,7 +4,7 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from conftest import FAST
+from conftest import FAST, journal_study, runs_of_role
 
 
 def test_three_trial_sweep_end_to_end(kdsweep, tmp_path, tracking_uri):
@@ -33,8 +33,7 @@ def test_three_trial_sweep_end_to_end(kdsweep, tmp_path, tracking_uri):
         if float(run.data.params["distill.alpha"]) > 0:
             assert run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
 
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
-    study = optuna.load_study(study_name="temperature_alpha-digits", storage=storage)
+    study = journal_study(tmp_path, "temperature_alpha-digits")
     completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(study.trials) == 3
     assert len(completed) == 3
@@ -55,11 +54,8 @@ def test_sweep_rerun_continues_finished_study(kdsweep, tracking_uri):
     kdsweep("sweep=temperature_alpha", "hydra.sweeper.n_trials=1", *FAST)
     result = kdsweep("sweep=temperature_alpha", "hydra.sweeper.n_trials=2", *FAST)
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if run.data.tags["kdsweep.role"] == "sweep"]
-    trials = [run for run in runs if run.data.tags["kdsweep.role"] == "student"]
+    parents = runs_of_role(tracking_uri, "sweep")
+    trials = runs_of_role(tracking_uri, "student")
     assert len(parents) == 1
     assert sorted(run.data.tags["optuna.trial_number"] for run in trials) == ["0", "1"]
     assert "Continuing study temperature_alpha-digits" in result.stdout + result.stderr

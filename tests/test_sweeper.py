@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import FAST, run_kdsweep, start_kdsweep, wait_for_success
+from conftest import FAST, journal_study, run_kdsweep, runs_of_role, start_kdsweep, wait_for_success
 
 STUDY = "test-study"
 
@@ -26,14 +26,11 @@ def write_sweep(tmp_path: Path, name: str, sweeper: dict) -> list[str]:
 
 
 def load_study(tmp_path: Path) -> optuna.Study:
-    backend = optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
-    return optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(backend))
+    return journal_study(tmp_path, STUDY)
 
 
 def student_runs(tmp_path: Path) -> list:
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    return client.search_runs([experiment.experiment_id], filter_string="tags.`kdsweep.role` = 'student'")
+    return runs_of_role(f"sqlite:///{tmp_path / 'mlflow.db'}", "student")
 
 
 def test_pruner_stops_badly_learning_trial(kdsweep, tmp_path, tracking_uri):
@@ -200,17 +197,11 @@ def test_sweep_logs_results_and_plots_to_parent_run(kdsweep, tmp_path, tracking_
     kdsweep("sweep=temperature_alpha", "hydra.sweeper.n_trials=3", *FAST)
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`kdsweep.role` = 'sweep'")
+    (parent,) = runs_of_role(tracking_uri, "sweep")
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
     assert {"results.yaml", "summary.txt", "optimization_history.png", "parallel_coordinate.png"} <= artifacts
     results = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "results.yaml")))
-    assert results["best"]["value"] == load_study_named(tmp_path, "temperature_alpha-digits").best_value
-
-
-def load_study_named(tmp_path: Path, name: str) -> optuna.Study:
-    backend = optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
-    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+    assert results["best"]["value"] == journal_study(tmp_path, "temperature_alpha-digits").best_value
 
 
 def make_sweeper(tmp_path: Path, **settings):

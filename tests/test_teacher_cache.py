@@ -1,32 +1,22 @@
 import torch
-from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import FAST
+from conftest import FAST, runs_of_role
 from kdsweep.teacher_cache import teacher_cache_key
-
-
-def runs_by_role(tracking_uri: str) -> dict[str, list]:
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    grouped: dict[str, list] = {}
-    for run in client.search_runs([experiment.experiment_id]):
-        grouped.setdefault(run.data.tags["kdsweep.role"], []).append(run)
-    return grouped
 
 
 def test_second_run_reuses_cached_teacher(kdsweep, tmp_path, tracking_uri):
     first = kdsweep(*FAST, "distill.alpha=0.5")
     second = kdsweep(*FAST, "distill.alpha=0.9", "distill.temperature=2")
 
-    runs = runs_by_role(tracking_uri)
-    (teacher,) = runs["teacher"]
-    assert len(runs["student"]) == 2
-    assert all(run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id for run in runs["student"])
+    (teacher,) = runs_of_role(tracking_uri, "teacher")
+    students = runs_of_role(tracking_uri, "student")
+    assert len(students) == 2
+    assert all(run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id for run in students)
     assert "is not cached; training it" in first.stdout + first.stderr
     assert "Reusing cached teacher" in second.stdout + second.stderr
     assert "is not cached" not in second.stdout + second.stderr
-    logit_sources = sorted(run.data.tags["kdsweep.teacher_logits"] for run in runs["student"])
+    logit_sources = sorted(run.data.tags["kdsweep.teacher_logits"] for run in students)
     assert logit_sources == ["cached", "computed"]
     (weights,) = (tmp_path / "teacher_cache").glob("*[0-9a-f].pt")
     state_dict = torch.load(weights, weights_only=True)
@@ -37,7 +27,7 @@ def test_changed_teacher_setting_trains_new_teacher(kdsweep, tracking_uri):
     kdsweep(*FAST)
     kdsweep(*FAST, "teacher.optimizer.lr=0.01")
 
-    assert len(runs_by_role(tracking_uri)["teacher"]) == 2
+    assert len(runs_of_role(tracking_uri, "teacher")) == 2
 
 
 def test_cache_key_ignores_data_location_and_student():

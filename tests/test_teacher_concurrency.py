@@ -1,8 +1,6 @@
 """Two kdsweep processes that need the same teacher at once: one trains it, the other waits for it."""
 
-from mlflow import MlflowClient
-
-from conftest import FAST, start_kdsweep, wait_for_success
+from conftest import FAST, runs_of_role, start_kdsweep, wait_for_success
 
 
 def test_two_processes_train_one_teacher(tmp_path, tracking_uri):
@@ -13,11 +11,8 @@ def test_two_processes_train_one_teacher(tmp_path, tracking_uri):
     for index, process in enumerate(processes):
         wait_for_success(process, tmp_path / f"run-{index}.log")
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("kdsweep-digits")
-    runs = client.search_runs([experiment.experiment_id])
-    teachers = [run for run in runs if run.data.tags["kdsweep.role"] == "teacher"]
-    students = [run for run in runs if run.data.tags["kdsweep.role"] == "student"]
+    teachers = runs_of_role(tracking_uri, "teacher")
+    students = runs_of_role(tracking_uri, "student")
     assert len(teachers) == 1
     assert len(students) == 2
     assert {run.data.tags["kdsweep.teacher_run_id"] for run in students} == {teachers[0].info.run_id}

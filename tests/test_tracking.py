@@ -3,16 +3,14 @@
 import yaml
 from mlflow import MlflowClient
 
-from conftest import FAST
+from conftest import FAST, runs_of_role
 from kdsweep.tracking import git_commit
 
 
 def only_run(tracking_uri: str, role: str, experiment: str = "kdsweep-digits"):
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                              filter_string=f"tags.`kdsweep.role` = '{role}'")
+    runs = runs_of_role(tracking_uri, role, experiment)
     assert len(runs) == 1, f"expected one {role} run, found {len(runs)}"
-    return client, runs[0]
+    return MlflowClient(tracking_uri), runs[0]
 
 
 def test_student_run_logs_config_metrics_and_tags(kdsweep, tracking_uri):
