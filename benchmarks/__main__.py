@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.suite import CHECKOUT, Figure, Settings, run_all
-from kdsweep.tracking import cpu_model
+from kdsweep.provenance import cpu_model
 
 DEFAULT_MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
 

@@ -55,7 +55,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"data.name={cfg.data.name!r}: unknown dataset; choose one of {', '.join(DATASETS)}")
     _check_data(cfg.data)
-    _check_whole(cfg.seed, "seed", 0, MAX_SEED)
+    if cfg.get("seed") is not None:  # An absent seed is drawn when the run starts.
+        _check_whole(cfg.seed, "seed", 0, MAX_SEED)
     _check_tracking(cfg.tracking)
 
     for role in ("teacher", "student"):

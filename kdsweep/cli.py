@@ -122,6 +122,8 @@ def main() -> None:
         sys.exit(2)
     # Every built-in dataset is a tensor in memory, so worker processes would only add start-up time.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # The training augmentation runs in the LightningModule's hook on purpose, after the batch is on the device.
+    warnings.filterwarnings("ignore", "You have overridden `on_after_batch_transfer`")
     # pytorch-lightning 2.6 calls a torch.utils._pytree API that torch 2.14 deprecates, on every run.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:

@@ -16,6 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from kdsweep.provenance import tensors_sha256
+
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 
 # Settings that locate the files rather than choose the data, so cache keys leave them out.
@@ -31,6 +33,8 @@ class DataSplits:
     test: TensorDataset
     input_shape: tuple[int, ...]
     num_classes: int
+    # SHA-256 of the standardised split tensors (images and labels of train, val and test, in order).
+    fingerprint: str = ""
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -67,7 +71,9 @@ def _load_splits(settings_json: str) -> DataSplits:
     mean, std = _channel_statistics(train[0])
     datasets = [TensorDataset((x - mean) / std, y) for x, y in (train, val, test)]
     num_classes = int(max(int(y.max()) for _, y in (train, val, test)) + 1)
-    return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes)
+    fingerprint = tensors_sha256(tensor for dataset in datasets for tensor in dataset.tensors)
+    return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes,
+                      fingerprint=fingerprint)
 
 
 def with_extra_tensors(splits: DataSplits, train: torch.Tensor, val: torch.Tensor) -> DataSplits:

@@ -51,12 +51,15 @@ class FrozenTeacher:
 class ClassifierModule(pl.LightningModule):
     """Train ``model`` with cross-entropy and report accuracy and loss on validation and test data.
 
-    Metrics are logged once per epoch with the epoch as the MLflow step.
+    Metrics are logged once per epoch with the epoch as the MLflow step. ``augment``, if given,
+    transforms the inputs of each training batch once the batch is on the training device.
     """
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, num_classes: int) -> None:
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, num_classes: int,
+                 augment: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.model = model
+        self.augment = augment
         self.optimizer_factory = optimizer
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -68,6 +71,11 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment is not None and self.trainer.training:
+            return (self.augment(batch[0]), *batch[1:])
+        return batch
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch

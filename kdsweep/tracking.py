@@ -5,9 +5,8 @@ whole); everything logged outside the Trainer uses that logger's own ``MlflowCli
 """
 
 import contextlib
+import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -18,11 +17,13 @@ import pytorch_lightning as pl
 import torch
 from mlflow.entities import Param, RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
+
+from kdsweep import provenance
 
 ROLE_TAG = "kdsweep.role"
 TEACHER_RUN_TAG = "kdsweep.teacher_run_id"
@@ -36,6 +37,7 @@ DEVICE_NAME_TAG = "kdsweep.device_name"
 DEVICE_COUNT_TAG = "kdsweep.device_count"
 FAIL_REASON_TAG = "kdsweep.fail_reason"
 STOP_REASON_TAG = "kdsweep.stop_reason"
+REPRODUCTION_OF_TAG = "kdsweep.reproduction_of"
 CONFIG_ARTIFACT = "config.yaml"
 
 # A sweep passes its MLflow parent run and the Optuna trial to each trial job through these
@@ -43,6 +45,8 @@ CONFIG_ARTIFACT = "config.yaml"
 PARENT_RUN_ENV = "KDSWEEP_PARENT_RUN_ID"
 STUDY_NAME_ENV = "KDSWEEP_STUDY_NAME"
 TRIAL_NUMBER_ENV = "KDSWEEP_TRIAL_NUMBER"
+# kdsweep-reproduce passes the runs it repeats, as JSON {"student": run id, "teacher": run id}.
+REPRODUCTION_ENV = "KDSWEEP_REPRODUCTION_OF"
 
 
 def log_hardware(logger: "RunLogger", trainer: "pl.Trainer") -> None:
@@ -53,22 +57,10 @@ def log_hardware(logger: "RunLogger", trainer: "pl.Trainer") -> None:
     if root_device.type == "cuda":
         device_name = torch.cuda.get_device_name(root_device)
     else:
-        device_name = cpu_model()
+        device_name = provenance.cpu_model()
     for key, value in ((ACCELERATOR_TAG, root_device.type), (DEVICE_NAME_TAG, device_name),
                        (DEVICE_COUNT_TAG, str(trainer.world_size))):
         logger.experiment.set_tag(logger.run_id, key, value)
-
-
-def cpu_model() -> str:
-    """Return the CPU's model name from /proc/cpuinfo on Linux, else what the platform module reports."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
@@ -102,18 +94,7 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 
 def git_commit() -> Optional[str]:
     """Return the commit of the checkout that contains this package, or None outside a git checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
+    return provenance.code_state().commit
 
 
 class RunLogger(MLFlowLogger):
@@ -162,17 +143,23 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 
 
 def create_logger(tracking_cfg: DictConfig, *, role: str, run_name: str, tags: Mapping[str, str]) -> RunLogger:
-    """Create the logger for one run; the MLflow run itself starts on first use."""
-    all_tags = {ROLE_TAG: role, **tags}
-    commit = git_commit()
-    if commit:
-        all_tags[MLFLOW_GIT_COMMIT] = commit
+    """Create the logger for one run, tagged with its provenance; the MLflow run itself starts on first use."""
+    all_tags = {ROLE_TAG: role, **provenance.process_tags(), **tags}
+    reproduced = reproduction_of(role)
+    if reproduced:
+        all_tags[REPRODUCTION_OF_TAG] = reproduced
     return RunLogger(
         experiment_name=tracking_cfg.experiment,
         tracking_uri=resolve_tracking_uri(tracking_cfg.uri),
         run_name=run_name,
         tags=all_tags,
     )
+
+
+def reproduction_of(role: str) -> Optional[str]:
+    """Return the run that a run of ``role`` repeats under kdsweep-reproduce, or None."""
+    runs = json.loads(os.environ.get(REPRODUCTION_ENV) or "{}")
+    return runs.get(role)
 
 
 def sweep_tags_from_environment() -> dict[str, str]:
@@ -188,12 +175,23 @@ def sweep_tags_from_environment() -> dict[str, str]:
 
 
 def log_config(logger: RunLogger, cfg: DictConfig) -> None:
-    """Log the resolved config as flattened params and as a YAML artifact."""
+    """Log the resolved config as flattened params and as a YAML artifact, with the provenance artifacts.
+
+    The provenance record holds the run's tags. A checkout with uncommitted changes adds them as
+    the patch ``git_diff.patch``, which ``git apply`` takes on a checkout of the logged commit.
+    """
+    if logger.run_id is None:  # Data-parallel ranks other than 0 log nothing.
+        return
     logger.log_hyperparams(flatten_config(cfg))
+    files = {CONFIG_ARTIFACT: OmegaConf.to_yaml(cfg, resolve=True), provenance.RECORD_ARTIFACT: provenance.record(logger.tags)}
+    code = provenance.code_state()
+    if code.dirty:
+        files[provenance.DIFF_ARTIFACT] = code.diff
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / CONFIG_ARTIFACT
-        path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        for name, text in files.items():
+            path = Path(folder) / name
+            path.write_text(text)
+            logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 @contextlib.contextmanager
@@ -221,6 +219,12 @@ def run_status(logger: RunLogger, *, pruned: tuple[type[BaseException], ...] = (
     _terminate(logger, RunStatus.to_string(RunStatus.FINISHED))
 
 
+def set_tag(logger: RunLogger, key: str, value: str) -> None:
+    """Set a tag on the logger's run; data-parallel ranks other than 0 have no run and set nothing."""
+    if logger.run_id is not None:
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
 
@@ -228,6 +232,18 @@ def _truncate(text: str) -> str:
 def _terminate(logger: RunLogger, status: str) -> None:
     if logger.run_id is not None:
         logger.experiment.set_terminated(logger.run_id, status)
+
+
+def existing_store_client(uri: Optional[str]) -> tuple[MlflowClient, str]:
+    """Return a client of an existing MLflow store and its URI; ``uri`` None means the default store.
+
+    Raise FileNotFoundError for a SQLite file that does not exist, which MLflow would create empty.
+    """
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"--tracking-uri={uri}: no such SQLite file; run the command in the folder that "
+                                f"holds mlflow.db, or pass the store's URI")
+    return MlflowClient(uri), uri
 
 
 def client_for(tracking_cfg: DictConfig) -> MlflowClient:

@@ -23,11 +23,13 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdsweep import distributed, optuna_trial, tracking
+from kdsweep import distributed, optuna_trial, provenance, tracking
+from kdsweep.augmentation import build_augmentation
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
 from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits, with_extra_tensors
 from kdsweep.models import build_model, count_parameters
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
+from kdsweep.seeding import resolve_seed
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
 from kdsweep.timing import PERF_PREFIX, TimingCallback
 
@@ -68,6 +70,7 @@ def prepare(cfg: DictConfig, *, check_hardware: bool = True) -> Prepared:
         raise ConfigError(str(error)) from None
     student = _seeded_model(cfg, "student", splits)
     teacher = _seeded_model(cfg, "teacher", splits)
+    _teacher_augmentation(cfg, splits)
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
@@ -152,18 +155,34 @@ def run(cfg: DictConfig, *, sweep_job: bool = False) -> dict[str, Any]:
         _log_warnings_only_to_console()
         # A rank that outlives rank 0 would wait for it in the next collective until gloo or NCCL time out.
         distributed.end_with_parent()
+    resolve_seed(cfg)
     prepared = prepare(cfg)
     if sweep_job and prepared.starts_processes_by_command:
         return distributed.run_as_single_run(cfg, prepared.processes)
     splits = prepared.splits
-    if cfg.distill.alpha == 0:
+    if cfg.distill.alpha == 0 and not cfg.get("teacher_only"):
         return _train_student(cfg, prepared.student, None, None, splits)
     teacher_entry = _obtain_teacher(cfg, prepared.teacher, splits)
+    if cfg.get("teacher_only"):
+        return {"metrics": teacher_entry.metrics, "run_id": teacher_entry.run_id, "role": "teacher"}
     teacher = FrozenTeacher(prepared.teacher)
     logits, source = _teacher_logits(cfg, teacher, teacher_entry.key, splits)
     student_splits = with_extra_tensors(splits, logits["train"], logits["val"])
-    return _train_student(cfg, prepared.student, teacher, teacher_entry, student_splits,
-                          tags={tracking.TEACHER_LOGITS_TAG: source})
+    tags = {tracking.TEACHER_LOGITS_TAG: source,
+            provenance.TEACHER_CHECKPOINT_HASH_TAG: provenance.state_dict_sha256(prepared.teacher.state_dict())}
+    return _train_student(cfg, prepared.student, teacher, teacher_entry, student_splits, tags=tags)
+
+
+def _run_tags(cfg: DictConfig, splits: DataSplits) -> dict[str, str]:
+    """Return the provenance tags of one run that its process does not share with other runs."""
+    return {provenance.SEED_TAG: str(cfg.seed), provenance.DATA_FINGERPRINT_TAG: splits.fingerprint}
+
+
+def _teacher_augmentation(cfg: DictConfig, splits: DataSplits) -> Optional[nn.Module]:
+    try:
+        return build_augmentation(cfg.teacher.get("augment"), splits.input_shape, "teacher.augment")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _seeded_model(cfg: DictConfig, role: str, splits: DataSplits) -> nn.Module:
@@ -252,11 +271,13 @@ def _inference_device(accelerator: str) -> torch.device:
 
 def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key: str) -> CachedTeacher:
     logger = tracking.create_logger(cfg.tracking, role="teacher", run_name=f"teacher-{key[:8]}",
-                                    tags={tracking.TEACHER_KEY_TAG: key})
+                                    tags={tracking.TEACHER_KEY_TAG: key, **_run_tags(cfg, splits)})
     tracking.log_config(logger, cfg)
     with tracking.run_status(logger):
-        module = ClassifierModule(teacher, instantiate(cfg.teacher.optimizer), splits.num_classes)
+        module = ClassifierModule(teacher, instantiate(cfg.teacher.optimizer), splits.num_classes,
+                                  augment=_teacher_augmentation(cfg, splits))
         metrics = _fit_and_test(cfg, module, logger, splits, cfg.teacher)
+        tracking.set_tag(logger, provenance.CHECKPOINT_HASH_TAG, provenance.state_dict_sha256(teacher.state_dict()))
     return CachedTeacher(key=key, run_id=logger.run_id, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
                          metrics=metrics)
 
@@ -264,7 +285,7 @@ def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key:
 def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[FrozenTeacher],
                    teacher_entry: Optional[CachedTeacher], splits: DataSplits,
                    tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    tags = {**(tags or {}), **tracking.sweep_tags_from_environment()}
+    tags = {**(tags or {}), **_run_tags(cfg, splits), **tracking.sweep_tags_from_environment()}
     if teacher_entry is not None:
         tags[tracking.TEACHER_RUN_TAG] = teacher_entry.run_id
         tags[tracking.TEACHER_KEY_TAG] = teacher_entry.key
@@ -294,6 +315,7 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         metrics = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
         metrics[PARAMETER_COUNT_METRIC] = float(count_parameters(student))
+        tracking.set_tag(logger, provenance.CHECKPOINT_HASH_TAG, provenance.state_dict_sha256(student.state_dict()))
         logger.log_metrics({
             PARAMETER_COUNT_METRIC: metrics[PARAMETER_COUNT_METRIC],
             f"{PERF_PREFIX}mlflow_setup_seconds": mlflow_setup_seconds,

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
+
+from kdsweep import cli
 
 torch.set_num_threads(1)  # See OMP_NUM_THREADS in run_kdsweep.
 
@@ -88,3 +91,27 @@ def journal_study(folder: Path, name: str) -> optuna.Study:
     """Load study ``name`` from the Optuna journal file ``optuna.journal`` in ``folder``."""
     backend = optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal"))
     return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
+
+
+def run_in_process(arguments: list[str], folder, monkeypatch, capfd) -> tuple[int, str]:
+    """Run the ``kdsweep`` command's entry point in this process and return its exit status and stderr.
+
+    A new Python process takes about 5 s to start, so the many cases here run in this process.
+    ``test_command_exits_with_one_line`` checks the same path through the real command.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.chdir(folder)
+    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "KDSWEEP_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["kdsweep", *arguments])
+    capfd.readouterr()
+    try:
+        cli.main()
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    finally:
+        GlobalHydra.instance().clear()
+        logging.getLogger().handlers.clear()  # Hydra's job logging writes to this test's folder.
+    return status, capfd.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST
+from conftest import FAST, run_in_process
 from kdsweep import cli, train
 from kdsweep.checks import ConfigError
 
@@ -40,6 +40,11 @@ CASES = {
     "unknown tracking scheme": ([*FAST, "tracking.uri=gopher://x"], ["tracking.uri='gopher://x'", "sqlite://"]),
     "cluster without its variables": ([*FAST, *SWEEP, "cluster=slurm"],
                                       ["cluster=slurm", "KDSWEEP_MLFLOW_URI is not set", "docs/cluster.md"]),
+    "unknown augmentation op": ([*FAST, "+teacher.augment.rotate.degrees=5"],
+                                ["teacher.augment.rotate", "unknown augmentation op", "translate"]),
+    "translation past half the image": ([*FAST, "+teacher.augment.translate.pixels=4"],
+                                        ["teacher.augment.translate.pixels=4", "below half", "8x8"]),
+    "unknown experiment": ([*FAST, "experiment=hinton_cifar"], ["experiment=hinton_cifar", "hinton_mnist"]),
     "cache folder under a file": ([*FAST, "teacher_cache_dir=/dev/null/cache"],
                                   ["teacher_cache_dir='/dev/null/cache'", "not a folder"]),
     "zero hidden units": ([*FAST, "student.model.hidden_sizes=[0]"], ["student.model", "hidden_sizes", ">= 1"]),
@@ -75,30 +80,6 @@ CASES = {
     "test metric objective": ([*SWEEP, *FAST, "hydra.sweeper.metric=test/acc"],
                               ["hydra.sweeper.metric='test/acc'", "validation"]),
 }
-
-
-def run_in_process(arguments: list[str], folder, monkeypatch, capfd) -> tuple[int, str]:
-    """Run the ``kdsweep`` command's entry point in this process and return its exit status and stderr.
-
-    A new Python process takes about 5 s to start, so the many cases here run in this process.
-    ``test_command_exits_with_one_line`` checks the same path through the real command.
-    """
-    from hydra.core.global_hydra import GlobalHydra
-
-    monkeypatch.chdir(folder)
-    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "KDSWEEP_"))]:
-        monkeypatch.delenv(name)
-    monkeypatch.setattr(sys, "argv", ["kdsweep", *arguments])
-    capfd.readouterr()
-    try:
-        cli.main()
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    finally:
-        GlobalHydra.instance().clear()
-        logging.getLogger().handlers.clear()  # Hydra's job logging writes to this test's folder.
-    return status, capfd.readouterr().err
 
 
 def assert_rejected_before_work(status, stderr: str, folder, expected: list[str]) -> None:

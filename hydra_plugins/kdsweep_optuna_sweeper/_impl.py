@@ -39,8 +39,9 @@ from hydra_plugins.kdsweep_optuna_sweeper._study_tools import (
     write_plots,
     write_results,
 )
-from kdsweep import optuna_trial, summary, tracking
+from kdsweep import optuna_trial, provenance, summary, tracking
 from kdsweep.checks import ConfigError, exit_on_config_error
+from kdsweep.seeding import draw_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+# The seed drawn for a study whose config sets none, kept so that a continued study reuses it.
+SEED_ATTR = "kdsweep.seed"
 # Launchers whose jobs run on other machines (submitit's SLURM launcher, Ray's on AWS): the sweep
 # process checks their trainer settings without its own accelerators.
 REMOTE_LAUNCHERS = ("SlurmLauncher", "RayAWSLauncher")
@@ -125,11 +128,14 @@ class OptunaSweeperImpl(Sweeper):
             if not space.distributions:
                 raise ConfigError("hydra.sweeper.params is empty: give at least one search range, "
                                   "e.g. distill.alpha=interval(0,1)")
+            seed_override = self._draw_absent_seed(space)
             base_cfg = self._check_trial_configs(space)
             self._gpu_slots(base_cfg)
             self._check_enqueued_points(space)
             self.location = optuna_trial.storage_location(self.storage)
             study = self._open_study(space)
+            if seed_override is not None:
+                self._keep_study_seed(study, space, seed_override)
 
         client, parent_run_id = self._open_parent_run(study, space, base_cfg)
         self._end_orphaned_trials(client, study)
@@ -155,6 +161,26 @@ class OptunaSweeperImpl(Sweeper):
         self._report(client, study, parent_run_id, base_cfg)
         client.set_terminated(parent_run_id, "FINISHED")
         return results
+
+    def _draw_absent_seed(self, space: SearchSpace) -> Optional[int]:
+        """Draw the seed of every trial when the config sets none (``seed=null``) and the sweep does not vary it.
+
+        Each trial job would otherwise draw its own seed, and with it train its own teacher.
+        Return the index in ``space.fixed`` of the added ``seed=N`` override, or None.
+        """
+        if "seed" in space.distributions or self._compose(space.fixed).get("seed") is not None:
+            return None
+        space.fixed.append(f"seed={draw_seed()}")
+        return len(space.fixed) - 1
+
+    def _keep_study_seed(self, study: optuna.Study, space: SearchSpace, index: int) -> None:
+        """Store the drawn seed with a new study, or take the stored one when the study continues."""
+        stored = study.user_attrs.get(SEED_ATTR)
+        if stored is None:
+            study.set_user_attr(SEED_ATTR, int(space.fixed[index].partition("=")[2]))
+        else:
+            space.fixed[index] = f"seed={stored}"
+        log.info("The config sets no seed; every trial of study %s uses %s", self.study_name, space.fixed[index])
 
     # Checks made before the study or any MLflow run is touched.
 
@@ -327,10 +353,7 @@ class OptunaSweeperImpl(Sweeper):
                 log.info("Continuing study %s and its MLflow parent run %s", self.study_name, run_id)
                 return client, run_id
 
-            tags = {tracking.ROLE_TAG: "sweep", tracking.STUDY_TAG: self.study_name}
-            commit = tracking.git_commit()
-            if commit:
-                tags["mlflow.source.git.commit"] = commit
+            tags = {tracking.ROLE_TAG: "sweep", tracking.STUDY_TAG: self.study_name, **provenance.process_tags()}
             experiment = tracking.experiment_id(client, base_cfg.tracking.experiment)
             run_id = client.create_run(experiment, run_name=self.study_name, tags=tags).info.run_id
             params = {f"sweeper.{key}": str(value) for key, value in self._describe(space).items()}
