@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import FAST, kdsweep_environment, run_in_process, runs_of_role
+from conftest import FAST, journal_study, kdsweep_environment, run_in_process, runs_of_role
 from kdsweep import provenance, report, reproduce
 from kdsweep.data import load_splits
 
@@ -60,6 +60,20 @@ def test_absent_seed_is_drawn_and_logged(kdsweep, tracking_uri):
     config = MlflowClient(tracking_uri).download_artifacts(run.info.run_id, "config.yaml")
     with open(config) as file:
         assert yaml.safe_load(file)["seed"] == int(seed)
+
+
+def test_sweep_draws_one_seed_and_keeps_it(kdsweep, tmp_path, tracking_uri):
+    sweep = ["sweep=temperature_alpha", "seed=null", "distill.alpha=interval(0.5, 1)", "hydra.sweeper.enqueue=[]",
+             *FAST]
+    kdsweep(*sweep, "hydra.sweeper.n_trials=1")
+    result = kdsweep(*sweep, "hydra.sweeper.n_trials=2")
+
+    seeds = {run.data.params["seed"] for run in runs_of_role(tracking_uri, "student")}
+    (seed,) = seeds
+    assert seed.isdigit()
+    assert len(runs_of_role(tracking_uri, "teacher")) == 1  # The continued study reused the seed and its teacher.
+    assert journal_study(tmp_path, "temperature_alpha-digits").user_attrs["kdsweep.seed"] == int(seed)
+    assert f"uses seed={seed}" in result.stdout + result.stderr
 
 
 @pytest.fixture
