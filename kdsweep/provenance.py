@@ -110,7 +110,7 @@ def package_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def hardware() -> dict[str, str]:
-    """Return the CPU model and core count, and the names and count of the CUDA GPUs this process sees."""
+    """Return the CPU model and core count, and the names and count of the CUDA GPUs visible to this process."""
     count = torch.cuda.device_count()
     names = [torch.cuda.get_device_name(index) for index in range(count)]
     return {"cpu_model": cpu_model(), "cpu_count": str(os.cpu_count()), "gpu_names": ", ".join(names) or "none",

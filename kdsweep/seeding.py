@@ -22,7 +22,7 @@ def draw_seed() -> int:
 def resolve_seed(cfg: DictConfig) -> int:
     """Return ``cfg.seed``; when it is null or absent, draw one, set it in ``cfg`` and log it.
 
-    The config then holds the seed that was used, so the logged config repeats the run. ``seed=0``
+    The config then contains the seed that was used, so the logged config repeats the run. ``seed=0``
     is a seed like any other.
     """
     seed = cfg.get("seed")

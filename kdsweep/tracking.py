@@ -177,7 +177,7 @@ def sweep_tags_from_environment() -> dict[str, str]:
 def log_config(logger: RunLogger, cfg: DictConfig) -> None:
     """Log the resolved config as flattened params and as a YAML artifact, with the provenance artifacts.
 
-    The provenance record holds the run's tags. A checkout with uncommitted changes adds them as
+    The provenance record contains the run's tags. A checkout with uncommitted changes adds them as
     the patch ``git_diff.patch``, which ``git apply`` takes on a checkout of the logged commit.
     """
     if logger.run_id is None:  # Data-parallel ranks other than 0 log nothing.
