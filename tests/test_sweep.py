@@ -1,10 +1,12 @@
 """A real sweep through the command line: Hydra multirun, the Optuna sweeper, Lightning and MLflow."""
 
+import subprocess
+
 import optuna
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from conftest import FAST, journal_study, runs_of_role
+from conftest import CHECKOUT, FAST, journal_study, runs_of_role
 
 
 def test_three_trial_sweep_end_to_end(kdsweep, tmp_path, tracking_uri):
@@ -48,6 +50,13 @@ def test_three_trial_sweep_end_to_end(kdsweep, tmp_path, tracking_uri):
     assert f"mlflow ui --backend-store-uri {tracking_uri}" in result.stdout
     assert output.count("is not cached; training it") == 1
     assert output.count("state=COMPLETE") == 3
+
+    # Run from a checkout, as in the README, the sweep's files must not mark the checkout's code as
+    # changed in the provenance of later runs.
+    written = [path.name + ("/" if path.is_dir() else "") for path in tmp_path.iterdir()]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=CHECKOUT, capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(ignored) == sorted(written)
 
 
 def test_sweep_rerun_continues_finished_study(kdsweep, tracking_uri):
