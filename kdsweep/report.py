@@ -1,7 +1,7 @@
 """The ``kdsweep-report`` command: the tables and plots of a paper, from the MLflow runs of a sweep or experiment.
 
 Runs are grouped by configuration: every logged param except the seed and the settings that only
-locate files or stores. A group holds one run per seed (the latest, if a seed ran twice), and the
+locate files or stores. A group contains one run per seed (the latest, if a seed ran twice), and the
 tables give its mean, sample standard deviation and number of seeds. Reproductions made by
 kdsweep-reproduce are left out, as are runs that did not finish.
 
@@ -82,7 +82,7 @@ class Group:
         return statistics.fmean(values) if values else math.nan
 
     def std(self, metric: str) -> float:
-        """The sample standard deviation over seeds, NaN for a single seed."""
+        """Return the sample standard deviation over seeds, or NaN for a single seed."""
         values = self.values(metric)
         return statistics.stdev(values) if len(values) > 1 else math.nan
 
@@ -286,8 +286,8 @@ def _seeds_command(distilled: Optional[Group]) -> Optional[str]:
         return None
     best = distilled.runs[0]
     overrides = json.loads(best.data.tags.get(provenance.OVERRIDES_TAG, "[]"))
-    kept = [item for item in overrides if item.lstrip("+~").split("=")[0] not in SEED_SWEEP_OWNS]
-    return shlex.join(["kdsweep", "sweep=seeds", *kept, f"{TEMPERATURE}={best.data.params[TEMPERATURE]}",
+    other_overrides = [item for item in overrides if item.lstrip("+~").split("=")[0] not in SEED_SWEEP_OWNS]
+    return shlex.join(["kdsweep", "sweep=seeds", *other_overrides, f"{TEMPERATURE}={best.data.params[TEMPERATURE]}",
                        f"{ALPHA}=0,{best.data.params[ALPHA]}", "seed=1,2,3,4,5"])
 
 

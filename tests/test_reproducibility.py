@@ -131,7 +131,7 @@ def test_run_logs_provenance(tmp_path, monkeypatch, capfd, dirty_checkout):
     assert record[provenance.SEED_TAG] == "0"
     assert record[provenance.GIT_DIRTY_TAG] == "true"
 
-    # The diff artifact holds both changes, and git applies it to a clean checkout of the commit.
+    # The diff artifact contains both changes, and git applies it to a clean checkout of the commit.
     patch = client.download_artifacts(student.info.run_id, provenance.DIFF_ARTIFACT, str(tmp_path))
     text = open(patch).read()
     assert "+width = 16" in text
