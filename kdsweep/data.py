@@ -35,6 +35,10 @@ class DataSplits:
     num_classes: int
     # SHA-256 of the standardised split tensors (images and labels of train, val and test, in order).
     fingerprint: str = ""
+    # Per-channel mean and standard deviation of the raw training pixels (in [0, 1]) that
+    # standardised every split; augmentation un-standardises with them to work on pixel values.
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -73,7 +77,7 @@ def _load_splits(settings_json: str) -> DataSplits:
     num_classes = int(max(int(y.max()) for _, y in (train, val, test)) + 1)
     fingerprint = tensors_sha256(tensor for dataset in datasets for tensor in dataset.tensors)
     return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes,
-                      fingerprint=fingerprint)
+                      fingerprint=fingerprint, mean=tuple(mean.flatten().tolist()), std=tuple(std.flatten().tolist()))
 
 
 def with_extra_tensors(splits: DataSplits, train: torch.Tensor, val: torch.Tensor) -> DataSplits:

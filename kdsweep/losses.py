@@ -30,7 +30,8 @@ def distillation_loss(
     ``alpha = 0`` is the plain student, which needs no teacher (``teacher_logits`` may be None).
     Some KD code names this weight the other way round.
 
-    The hard-label term uses T = 1. The KL term sums over classes and averages over the batch
+    ``labels`` are class indices, or class probabilities such as the mixed labels of MixUp and
+    CutMix. The hard-label term uses T = 1. The KL term sums over classes and averages over the batch
     (``batchmean``). It is scaled by T^2 because its gradients shrink as 1/T^2, so the scaling
     keeps the two terms comparable when T changes (Hinton, Vinyals and Dean, 2015). Both terms
     are computed in float32 from log-probabilities, so that a large T with near one-hot teacher

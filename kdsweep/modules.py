@@ -51,8 +51,10 @@ class FrozenTeacher:
 class ClassifierModule(pl.LightningModule):
     """Train ``model`` with cross-entropy and report accuracy and loss on validation and test data.
 
-    Metrics are logged once per epoch with the epoch as the MLflow step. ``augment``, if given,
-    transforms the inputs of each training batch once the batch is on the training device.
+    Metrics are logged once per epoch with the epoch as the MLflow step. ``augment``, if given (a
+    :class:`kdsweep.augmentation.BatchAugmentation`), transforms each training batch once it is on
+    the training device. It may turn the labels into class probabilities (MixUp, CutMix), which
+    the cross-entropy takes as they are.
     """
 
     def __init__(self, model: nn.Module, optimizer: OptimizerFactory, num_classes: int,
@@ -74,7 +76,9 @@ class ClassifierModule(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is not None and self.trainer.training:
-            return (self.augment(batch[0]), *batch[1:])
+            # Tensors precomputed from the inputs, such as cached teacher logits, would describe
+            # the images before augmentation, so the augmented batch leaves them out.
+            return self.augment(batch[0], batch[1])
         return batch
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -117,7 +121,8 @@ class DistillationModule(ClassifierModule):
     See :func:`kdsweep.losses.distillation_loss` for the objective; ``alpha`` weights the soft
     targets. With ``alpha = 0`` no teacher is needed and the module trains the plain baseline.
     A batch of three tensors carries the teacher's precomputed logits as its third. For a batch of
-    two, ``teacher`` computes them on the batch itself.
+    two, ``teacher`` computes them on the batch itself: under ``augment``, on the very augmented
+    images the student sees, and the hard-label term uses the mixed labels of MixUp or CutMix.
     """
 
     def __init__(
@@ -129,8 +134,9 @@ class DistillationModule(ClassifierModule):
         teacher: Optional[FrozenTeacher],
         temperature: float,
         alpha: float,
+        augment: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(model, optimizer, num_classes)
+        super().__init__(model, optimizer, num_classes, augment=augment)
         self.save_hyperparameters("temperature", "alpha", logger=False)
         if alpha > 0 and teacher is None:
             raise ValueError(f"a teacher is required when alpha > 0, got alpha={alpha}")

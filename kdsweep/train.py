@@ -70,7 +70,8 @@ def prepare(cfg: DictConfig, *, check_hardware: bool = True) -> Prepared:
         raise ConfigError(str(error)) from None
     student = _seeded_model(cfg, "student", splits)
     teacher = _seeded_model(cfg, "teacher", splits)
-    _teacher_augmentation(cfg, splits)
+    for role in ("teacher", "student"):
+        _augmentation(cfg, role, splits)
     check_logit_widths(teacher, student, splits.input_shape, splits.num_classes, cfg.data.name)
     check_optimizer(cfg.teacher.optimizer, teacher, "teacher.optimizer")
     check_optimizer(cfg.student.optimizer, student, "student.optimizer")
@@ -166,10 +167,13 @@ def run(cfg: DictConfig, *, sweep_job: bool = False) -> dict[str, Any]:
     if cfg.get("teacher_only"):
         return {"metrics": teacher_entry.metrics, "run_id": teacher_entry.run_id, "role": "teacher"}
     teacher = FrozenTeacher(prepared.teacher)
-    logits, source = _teacher_logits(cfg, teacher, teacher_entry.key, splits)
+    tags = {provenance.TEACHER_CHECKPOINT_HASH_TAG: provenance.state_dict_sha256(prepared.teacher.state_dict())}
+    if _augmentation(cfg, "student", splits) is not None:
+        # The teacher must see each augmented batch as the student does, so no logits are cached.
+        tags[tracking.TEACHER_LOGITS_TAG] = "online"
+        return _train_student(cfg, prepared.student, teacher, teacher_entry, splits, tags=tags)
+    logits, tags[tracking.TEACHER_LOGITS_TAG] = _teacher_logits(cfg, teacher, teacher_entry.key, splits)
     student_splits = with_extra_tensors(splits, logits["train"], logits["val"])
-    tags = {tracking.TEACHER_LOGITS_TAG: source,
-            provenance.TEACHER_CHECKPOINT_HASH_TAG: provenance.state_dict_sha256(prepared.teacher.state_dict())}
     return _train_student(cfg, prepared.student, teacher, teacher_entry, student_splits, tags=tags)
 
 
@@ -178,9 +182,14 @@ def _run_tags(cfg: DictConfig, splits: DataSplits) -> dict[str, str]:
     return {provenance.SEED_TAG: str(cfg.seed), provenance.DATA_FINGERPRINT_TAG: splits.fingerprint}
 
 
-def _teacher_augmentation(cfg: DictConfig, splits: DataSplits) -> Optional[nn.Module]:
+def _augmentation(cfg: DictConfig, role: str, splits: DataSplits) -> Optional[nn.Module]:
+    """Build the training augmentation of ``role`` (teacher or student), or None if it has none."""
+    settings = cfg[role].get("augment")
     try:
-        return build_augmentation(cfg.teacher.get("augment"), splits.input_shape, "teacher.augment")
+        if OmegaConf.is_config(settings):
+            settings = OmegaConf.to_container(settings, resolve=True)
+        return build_augmentation(settings, splits.input_shape, splits.num_classes, f"{role}.augment",
+                                  splits.mean, splits.std)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -275,7 +284,7 @@ def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key:
     tracking.log_config(logger, cfg)
     with tracking.run_status(logger):
         module = ClassifierModule(teacher, instantiate(cfg.teacher.optimizer), splits.num_classes,
-                                  augment=_teacher_augmentation(cfg, splits))
+                                  augment=_augmentation(cfg, "teacher", splits))
         metrics = _fit_and_test(cfg, module, logger, splits, cfg.teacher)
         tracking.set_tag(logger, provenance.CHECKPOINT_HASH_TAG, provenance.state_dict_sha256(teacher.state_dict()))
     return CachedTeacher(key=key, run_id=logger.run_id, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
@@ -311,6 +320,7 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
             teacher=teacher,
             temperature=cfg.distill.temperature,
             alpha=cfg.distill.alpha,
+            augment=_augmentation(cfg, "student", splits),
         )
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         metrics = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
