@@ -34,6 +34,8 @@ GIT_DIRTY_TAG = "kdsweep.git_dirty"
 GIT_DIFF_HASH_TAG = "kdsweep.git_diff_sha256"
 COMMAND_TAG = "kdsweep.command"
 OVERRIDES_TAG = "kdsweep.overrides"
+# The config-group options a run was composed from, one tag per group: kdsweep.choice.augment = heavy.
+CHOICE_TAG_PREFIX = "kdsweep.choice."
 VERSION_TAG_PREFIX = "kdsweep.version."
 CPU_MODEL_TAG = "kdsweep.cpu_model"
 CPU_COUNT_TAG = "kdsweep.cpu_count"
@@ -138,6 +140,19 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def hydra_choices() -> dict[str, str]:
+    """Return the config-group options of the running Hydra job (augment: heavy, data: mnist), or {}.
+
+    Hydra's own groups and the groups placed at another package (with @) are left out.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {group: str(option) for group, option in HydraConfig.get().runtime.choices.items()
+            if option is not None and not group.startswith("hydra/") and "@" not in group}
+
+
 def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
     """Hash the dtype, shape and bytes of each tensor, in order."""
     digest = hashlib.sha256()
@@ -165,6 +180,7 @@ def process_tags() -> dict[str, str]:
         OVERRIDES_TAG: json.dumps(hydra_overrides()),
         **{f"{VERSION_TAG_PREFIX}{name}": version for name, version in package_versions().items()},
         **{f"kdsweep.{key}": value for key, value in hardware().items()},
+        **{f"{CHOICE_TAG_PREFIX}{group}": option for group, option in hydra_choices().items()},
     }
     if code.commit is not None:
         tags[GIT_COMMIT_TAG] = code.commit

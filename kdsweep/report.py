@@ -11,6 +11,11 @@ The rows of the table:
 - the alpha = 0 baseline: the same among the students trained without a teacher;
 - the teacher: every teacher run with the configuration of the teacher that the best distilled
   student learned from, over the seeds present.
+
+When the students were trained under more than one augmentation of their batches, as in
+``sweep=alpha_under_augmentation``, the report adds a table per augmentation level (the alpha
+with the best mean validation metric, its accuracy, and the alpha = 0 baseline) and the curves of
+the validation metric against alpha and against T, one line per level.
 """
 
 import argparse
@@ -46,6 +51,9 @@ TEACHER_PREFIXES = ("data.", "teacher.", "trainer.")
 MAX_LINES = 6
 REPORT_ROLE = "report"
 ARTIFACT_FOLDER = "report"
+# The params of the student's training augmentation, and the tag that names its preset.
+AUGMENT_PREFIX = "student.augment"
+AUGMENT_CHOICE_TAG = f"{provenance.CHOICE_TAG_PREFIX}augment"
 # Overrides of the best run that `kdsweep sweep=seeds` sets itself.
 SEED_SWEEP_OWNS = ("sweep", "seed", TEMPERATURE, ALPHA)
 
@@ -73,6 +81,11 @@ class Group:
     @property
     def alpha(self) -> Optional[float]:
         return _float(self.params.get(ALPHA)) if self.role == "student" else None
+
+    @property
+    def augmentation(self) -> tuple:
+        """The student's augmentation settings, as sorted (param, value) pairs."""
+        return tuple(sorted((key, value) for key, value in self.params.items() if key.startswith(AUGMENT_PREFIX)))
 
     def values(self, metric: str) -> list[float]:
         return [run.data.metrics[metric] for run in self.runs if metric in run.data.metrics]
@@ -133,6 +146,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     files = write_report(report, output)
     run_id = log_report(client, scope, files)
     print(report.table.to_markdown(index=False))
+    if report.augmentation is not None:
+        print(f"\nBy augmentation of the student's batches:\n{report.augmentation.to_markdown(index=False)}")
     print(f"\nWrote {', '.join(path.name for path in files)} to {output} and logged them to MLflow run {run_id}")
     if report.seeds_command:
         print(f"To run the best configuration and its baseline over more seeds:\n  {report.seeds_command}")
@@ -222,6 +237,10 @@ class Report:
     baseline: Optional[Group]
     students: list[Run]
     seeds_command: Optional[str]
+    # Per augmentation level: the best alpha and the baseline (None when every student had the same augmentation).
+    augmentation: Optional[pd.DataFrame] = None
+    # Every configuration's mean and spread over seeds, with its augmentation level.
+    curves: Optional[pd.DataFrame] = None
 
 
 def build_report(scope: Scope, metric: str) -> Report:
@@ -258,8 +277,72 @@ def build_report(scope: Scope, metric: str) -> Report:
                               for mean, std in zip(csv["test/acc mean"], csv["test/acc std"])],
         f"{metric} (mean)": [_format(value, ".4f") for value in csv[f"{metric} mean"]],
     })
+    levels = augmentation_levels(groups)
     return Report(name=scope.name, metric=metric, table=table, csv=csv, groups=groups, baseline=baseline,
-                  students=scope.students, seeds_command=_seeds_command(distilled))
+                  students=scope.students, seeds_command=_seeds_command(distilled),
+                  augmentation=_augmentation_table(groups, levels, metric, maximize) if len(set(levels.values())) > 1
+                  else None,
+                  curves=_curves(groups, levels, metric))
+
+
+def augmentation_levels(groups: list[Group]) -> dict[tuple, str]:
+    """Name each distinct student augmentation by its preset (the augment= option that chose it).
+
+    Settings changed after the preset get the preset's name with a number, and settings without a
+    recorded preset are "custom".
+    """
+    names: dict[tuple, str] = {}
+    for group in sorted(groups, key=lambda g: min(run.info.start_time or 0 for run in g.runs)):
+        if group.augmentation in names:
+            continue
+        preset = group.runs[0].data.tags.get(AUGMENT_CHOICE_TAG, "custom")
+        taken = sum(1 for name in names.values() if name.split(" ")[0] == preset)
+        names[group.augmentation] = preset if not taken else f"{preset} ({taken + 1})"
+    return names
+
+
+def _curves(groups: list[Group], levels: dict[tuple, str], metric: str) -> pd.DataFrame:
+    return pd.DataFrame.from_records([{
+        "augment": levels[group.augmentation],
+        "alpha": group.alpha,
+        "T": group.temperature,
+        "seeds": len(group.runs),
+        f"{metric} mean": group.mean(metric),
+        f"{metric} std": group.std(metric),
+        "test/acc mean": group.mean("test/acc"),
+        "test/acc std": group.std("test/acc"),
+        "runs": " ".join(run.info.run_id for run in group.runs),
+    } for group in sorted(groups, key=lambda g: (levels[g.augmentation], g.alpha or 0, g.temperature or 0))])
+
+
+def _augmentation_table(groups: list[Group], levels: dict[tuple, str], metric: str, maximize: bool) -> pd.DataFrame:
+    """For each augmentation level: the alpha with the best mean ``metric`` over seeds, and the alpha = 0 baseline."""
+    records = []
+    for augmentation, level in sorted(levels.items(), key=lambda item: _level_order(item[1])):
+        members = [group for group in groups if group.augmentation == augmentation and group.values(metric)]
+        if not members:
+            continue
+        pick = max if maximize else min
+        best = pick(members, key=lambda group: group.mean(metric))
+        baseline = next((group for group in members if group.alpha == 0), None)
+        records.append({
+            "augment": level,
+            "best alpha": _format(best.alpha, ".4g"),
+            "T": _format(best.temperature, ".4g"),
+            "seeds": len(best.runs),
+            f"{metric} (mean)": _format(best.mean(metric), ".4f"),
+            "test accuracy (%)": _mean_std(best.mean("test/acc") * 100, best.std("test/acc") * 100),
+            "alpha = 0 test accuracy (%)": "-" if baseline is None else
+            _mean_std(baseline.mean("test/acc") * 100, baseline.std("test/acc") * 100),
+        })
+    return pd.DataFrame.from_records(records)
+
+
+def _level_order(level: str) -> tuple:
+    """Order the presets from the weakest to the strongest, then anything else by name."""
+    known = ("none", "light", "heavy")
+    preset = level.split(" ")[0]
+    return (known.index(preset) if preset in known else len(known), level)
 
 
 def _best_group(groups: list[Group], metric: str, maximize: bool) -> Optional[Group]:
@@ -308,6 +391,10 @@ def write_report(report: Report, folder: Path) -> list[Path]:
         "table.csv": report.csv.to_csv(index=False),
         "runs.csv": _runs_frame(report).to_csv(index=False),
     }
+    if report.augmentation is not None:
+        files["augmentation.md"] = report.augmentation.to_markdown(index=False) + "\n"
+        files["augmentation.tex"] = _latex(report.augmentation)
+        files["augmentation_curves.csv"] = report.curves.to_csv(index=False)
     written = []
     for name, text in files.items():
         path = folder / name
@@ -358,6 +445,8 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
             axes.set_xscale("log")
         axes.legend(fontsize="small")
         written.append(_save(figure, folder / filename))
+    if report.augmentation is not None:
+        written += _plot_by_augmentation(report, folder)
     importances = _plot_importances(report)
     if importances is not None:
         written.append(_save(importances, folder / "param_importances.png"))
@@ -380,6 +469,48 @@ def _plot_against(axes, groups: list[Group], x_name: str, line_name: str, metric
     points = axes.scatter([value(g, x_name) for g in groups], [g.mean(metric) for g in groups],
                           c=[value(g, line_name) for g in groups], cmap="viridis")
     axes.figure.colorbar(points, ax=axes, label="alpha" if line_name == ALPHA else "T")
+
+
+def _plot_by_augmentation(report: Report, folder: Path) -> list[Path]:
+    """Plot the mean validation metric against alpha and against T, one line per augmentation level.
+
+    The alpha plot draws a line per level and T; the alpha = 0 baseline, which has no T, starts
+    each line of its level. A plot is drawn only if its parameter takes several values in a level.
+    """
+    import matplotlib.pyplot as plt
+
+    curves = report.curves
+    mean, std = f"{report.metric} mean", f"{report.metric} std"
+    written = []
+    for x_name, filename in (("alpha", "val_vs_alpha_by_augmentation.png"),
+                             ("T", "val_vs_temperature_by_augmentation.png")):
+        lines = []
+        for level in sorted(curves["augment"].unique(), key=_level_order):
+            rows = curves[curves["augment"] == level]
+            distilled = rows[rows["alpha"] > 0]
+            if x_name == "alpha":
+                for temperature in sorted(distilled["T"].unique()):
+                    points = pd.concat([rows[rows["alpha"] == 0], distilled[distilled["T"] == temperature]])
+                    label = level if distilled["T"].nunique() == 1 else f"{level}, T = {temperature:.3g}"
+                    lines.append((label, points.sort_values("alpha")))
+            else:
+                for alpha in sorted(distilled["alpha"].unique()):
+                    points = distilled[distilled["alpha"] == alpha].sort_values("T")
+                    label = level if distilled["alpha"].nunique() == 1 else f"{level}, alpha = {alpha:.3g}"
+                    lines.append((label, points))
+        if not any(points[x_name].nunique() > 1 for _, points in lines):
+            continue
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, points in lines:
+            axes.errorbar(points[x_name], points[mean], yerr=points[std].fillna(0.0), marker="o", capsize=3,
+                          label=label)
+        axes.set_xlabel("alpha (weight of the soft targets)" if x_name == "alpha" else "temperature T")
+        if x_name == "T":
+            axes.set_xscale("log")
+        axes.set_ylabel(f"{report.metric} (mean over seeds)")
+        axes.legend(title="augment", fontsize="small")
+        written.append(_save(figure, folder / filename))
+    return written
 
 
 def _plot_importances(report: Report):
