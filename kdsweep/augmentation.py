@@ -73,7 +73,7 @@ OPS: dict[str, dict[str, Setting]] = {
     "rotate": {"degrees": Setting(15, _number_in(0, 180))},
     # Zoom by a factor drawn from [min, max].
     "scale": {"min": Setting(0.9, _number_in(0, 4)), "max": Setting(1.1, _number_in(0, 4))},
-    # TrivialAugment: one op per image from TRIVIAL_AUGMENT_OPS, at a magnitude drawn from its range.
+    # TrivialAugment: one op per image from trivial_augment_ops(), at a magnitude drawn from its range.
     "trivial_augment": {},
     # Add Gaussian noise of standard deviation std, in pixel-value units.
     "noise": {"std": Setting(0.1, _number_in(0, 1))},
@@ -116,8 +116,8 @@ def trivial_augment_ops() -> list[nn.Module]:
 class OnePerSample(nn.Module):
     """Apply to each image one of ``ops``, drawn uniformly and independently per image.
 
-    kornia's TrivialAugment and RandAugment draw their op once per batch; this draws it per image.
-    The draws come from torch's CPU generator, so they are the same on every device.
+    kornia's TrivialAugment and RandAugment (0.9) draw their ops once per batch, but this draws the op
+    per image. The draws come from torch's CPU generator, so they are the same on every device.
     """
 
     def __init__(self, ops: Sequence[nn.Module]) -> None:

@@ -122,7 +122,7 @@ class DistillationModule(ClassifierModule):
     targets. With ``alpha = 0`` no teacher is needed and the module trains the plain baseline.
     A batch of three tensors carries the teacher's precomputed logits as its third. For a batch of
     two, ``teacher`` computes them on the batch itself: under ``augment``, on the very augmented
-    images the student sees, and the hard-label term uses the mixed labels of MixUp or CutMix.
+    images the student is trained on, and the hard-label term uses the mixed labels of MixUp or CutMix.
     """
 
     def __init__(

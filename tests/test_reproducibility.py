@@ -15,8 +15,8 @@ from conftest import FAST, journal_study, kdsweep_environment, run_in_process, r
 from kdsweep import provenance, report, reproduce
 from kdsweep.data import load_splits
 
-# A teacher whose training is augmented, so that the augmentation's randomness is covered too.
-JITTER = "+teacher.augment.translate.pixels=1"
+# Augmented teacher and student batches, so that the augmentation's randomness is covered too.
+AUGMENTED = ["teacher_augment=light", "augment=light"]
 # provenance.code_state without its cache, which the fixture below replaces.
 READ_CODE_STATE = provenance.code_state.__wrapped__
 
@@ -34,7 +34,7 @@ def run_command(module: str, arguments: list[str], cwd) -> subprocess.CompletedP
 
 def test_same_seed_repeats_every_epoch(kdsweep, tracking_uri):
     for seed, experiment in ((7, "first"), (7, "second"), (8, "other-seed")):
-        kdsweep(*FAST, JITTER, f"seed={seed}", f"tracking.experiment={experiment}", f"teacher_cache_dir=cache-{experiment}")
+        kdsweep(*FAST, *AUGMENTED, f"seed={seed}", f"tracking.experiment={experiment}", f"teacher_cache_dir=cache-{experiment}")
 
     client = MlflowClient(tracking_uri)
     for role in ("teacher", "student"):
@@ -155,7 +155,7 @@ def test_clean_checkout_has_no_diff(dirty_checkout):
 
 
 def test_reproduce_passes_then_names_changed_metric(kdsweep, tmp_path, tracking_uri):
-    kdsweep(*FAST, JITTER, "distill.alpha=0.5")
+    kdsweep(*FAST, *AUGMENTED, "distill.alpha=0.5")
     (original,) = runs_of_role(tracking_uri, "student")
     run_id = original.info.run_id
 
