@@ -247,3 +247,23 @@ def _check_curves_match_runs(client: MlflowClient, path: Path) -> None:
             statistics.fmean(run.data.metrics["val/acc"] for run in runs), abs=1e-12)
         assert float(row["test/acc std"]) == pytest.approx(
             statistics.stdev(run.data.metrics["test/acc"] for run in runs), abs=1e-12)
+
+
+def test_teacher_accuracy_script_reads_cached_teachers(tmp_path, monkeypatch, capfd):
+    status, errors = run_in_process([*FAST, "teacher_only=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+                                    tmp_path, monkeypatch, capfd)
+    assert status == 0, errors
+
+    environment = {**kdsweep_environment(), "PYTHONPATH": str(CHECKOUT)}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.teacher_under_augmentation", "teacher_cache",
+                             "--data", "digits"], cwd=tmp_path, env=environment, capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    cases = ["none", "light", "heavy", *(f"heavy: {op} alone" for op in ("translate", "rotate", "scale", "noise",
+                                                                          "erase"))]
+    assert [line.split("  ")[1].strip() for line in lines] == cases
+    accuracies = [float(line.split("accuracy ")[1].split()[0]) for line in lines]
+    assert accuracies[0] > 0.8
+    assert accuracies[2] < accuracies[0]
