@@ -169,7 +169,7 @@ def run(cfg: DictConfig, *, sweep_job: bool = False) -> dict[str, Any]:
     teacher = FrozenTeacher(prepared.teacher)
     tags = {provenance.TEACHER_CHECKPOINT_HASH_TAG: provenance.state_dict_sha256(prepared.teacher.state_dict())}
     if _augmentation(cfg, "student", splits) is not None:
-        # The teacher must see each augmented batch as the student does, so no logits are cached.
+        # The teacher must score each augmented batch that the student trains on, so no logits are cached.
         tags[tracking.TEACHER_LOGITS_TAG] = "online"
         return _train_student(cfg, prepared.student, teacher, teacher_entry, splits, tags=tags)
     logits, tags[tracking.TEACHER_LOGITS_TAG] = _teacher_logits(cfg, teacher, teacher_entry.key, splits)
