@@ -91,7 +91,8 @@ MIXING_OPS = ("mixup", "cutmix")
 
 
 def trivial_augment_ops() -> list[nn.Module]:
-    """The TrivialAugment candidates (Müller and Hutter, 2021), with RandAugment's magnitude ranges.
+    """Return the TrivialAugment candidates (Müller and Hutter, 2021), with the magnitude ranges of
+    kornia 0.9's RandAugment policy, except sharpness (narrowed to [0.1, 0.9]) and no solarize_add.
 
     Each candidate applies to every image it is given (p = 1) and draws its magnitude uniformly per image.
     """
@@ -177,7 +178,11 @@ def build_augmentation(settings: Optional[Mapping[str, Any]], input_shape: Seque
                  if name in options and name not in MIXING_OPS]
     mixers = [(v2.MixUp if name == "mixup" else v2.CutMix)(alpha=float(options[name]["alpha"]), num_classes=num_classes)
               for name in MIXING_OPS if name in options]
-    mixing = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    mixing = None
+    if len(mixers) == 1:
+        mixing = mixers[0]
+    elif len(mixers) > 1:  # MixUp and CutMix: one of the two per batch.
+        mixing = v2.RandomChoice(mixers)
     return BatchAugmentation(image_ops, mixing, mean, std)
 
 

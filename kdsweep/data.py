@@ -35,8 +35,8 @@ class DataSplits:
     num_classes: int
     # SHA-256 of the standardised split tensors (images and labels of train, val and test, in order).
     fingerprint: str = ""
-    # Per-channel mean and standard deviation of the raw training pixels (in [0, 1]) that
-    # standardised every split; augmentation un-standardises with them to work on pixel values.
+    # Per-channel mean and standard deviation of the raw training pixels (in [0, 1]), which
+    # standardised every split. Augmentation un-standardises with them to work on pixel values.
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
 

@@ -296,8 +296,8 @@ def augmentation_levels(groups: list[Group]) -> dict[tuple, str]:
         if group.augmentation in names:
             continue
         preset = group.runs[0].data.tags.get(AUGMENT_CHOICE_TAG, "custom")
-        taken = sum(1 for name in names.values() if name.split(" ")[0] == preset)
-        names[group.augmentation] = preset if not taken else f"{preset} ({taken + 1})"
+        same_preset = sum(1 for name in names.values() if name.split(" ")[0] == preset)
+        names[group.augmentation] = preset if not same_preset else f"{preset} ({same_preset + 1})"
     return names
 
 

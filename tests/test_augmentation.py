@@ -225,9 +225,9 @@ def test_augmentation_studies_produce_their_tables_and_plots(tmp_path, tracking_
                     if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(children) == trials
 
-        made = report(parent.info.run_id, tmp_path)
+        reported = report(parent.info.run_id, tmp_path)
 
-        assert made.returncode == 0, made.stderr[-3000:]
+        assert reported.returncode == 0, reported.stderr[-3000:]
         folder = tmp_path / "report"
         assert (folder / plot).stat().st_size > 0
         levels = [row["augment"] for row in csv.DictReader(open(folder / "augmentation_curves.csv"))]
