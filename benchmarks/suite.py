@@ -61,11 +61,16 @@ class Settings:
     pruner_options: dict = field(default_factory=lambda: {"n_startup_trials": 5, "n_warmup_steps": 5})
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     pretrain: bool = True
+    teacher_epochs: int = 10
+    # The inference timing of each run: its large batch and its seconds per batch size.
+    inference_batch_size: int = 1024
+    inference_min_run_time: float = 0.5
 
     @classmethod
     def quick(cls, workdir: Path, mnist_root: Optional[Path]) -> "Settings":
         return cls(workdir=workdir, mnist_root=mnist_root, repeats=1, digits_epochs=3, parallel_trials=4,
-                   pruning_trials=4, pruner_options={"n_startup_trials": 1, "n_warmup_steps": 1}, pretrain=False)
+                   pruning_trials=4, pruner_options={"n_startup_trials": 1, "n_warmup_steps": 1}, pretrain=False,
+                   teacher_epochs=2, inference_batch_size=64, inference_min_run_time=0.01)
 
 
 # Overrides of every kdsweep command in the suite: no progress bar in the saved output.
@@ -73,8 +78,9 @@ COMMON = ["trainer.enable_progress_bar=false"]
 
 
 def digits_workload(settings: Settings) -> list[str]:
-    """Return the overrides for digits with the default networks, the teacher trained 10 epochs."""
-    return [*COMMON, "teacher.max_epochs=10", f"student.max_epochs={settings.digits_epochs}"]
+    """Return the overrides for digits with the default networks, the teacher trained 10 epochs (2 when quick)."""
+    return [*COMMON, f"teacher.max_epochs={settings.teacher_epochs}", f"student.max_epochs={settings.digits_epochs}",
+            *inference_timing(settings)]
 
 
 def mnist_workload(settings: Settings) -> list[str]:
@@ -83,7 +89,12 @@ def mnist_workload(settings: Settings) -> list[str]:
     The teacher trains for one epoch only: its accuracy does not change any timing here.
     """
     return [*COMMON, "data=mnist", f"data.root={settings.mnist_root}", "teacher=mlp_1200x2", "student=mlp_800x2",
-            "teacher.max_epochs=1", f"student.max_epochs={settings.mnist_epochs}"]
+            "teacher.max_epochs=1", f"student.max_epochs={settings.mnist_epochs}", *inference_timing(settings)]
+
+
+def inference_timing(settings: Settings) -> list[str]:
+    return [f"inference.batch_size={settings.inference_batch_size}",
+            f"inference.min_run_time={settings.inference_min_run_time}"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("seed") is not None:  # An absent seed is drawn when the run starts.
         _check_whole(cfg.seed, "seed", 0, MAX_SEED)
     _check_tracking(cfg.tracking)
+    _check_whole(cfg.inference.batch_size, "inference.batch_size", 1)
+    min_run_time = _number(cfg, "inference.min_run_time")
+    if not min_run_time > 0:
+        raise ConfigError(f"inference.min_run_time={min_run_time}: must be a number of seconds > 0")
 
     for role in ("teacher", "student"):
         for key in ("max_epochs", "batch_size"):
@@ -113,6 +117,10 @@ def _check_data(data: DictConfig) -> None:
 def _check_tracking(tracking: DictConfig) -> None:
     if not isinstance(tracking.experiment, str) or not tracking.experiment.strip():
         raise ConfigError(f"tracking.experiment={tracking.experiment!r}: give a non-empty experiment name")
+    name = tracking.get("registered_model_name")
+    if name is not None and (not isinstance(name, str) or not name.strip() or any(c in name for c in "/:")):
+        raise ConfigError(f"tracking.registered_model_name={name!r}: give a non-empty name without / or :, "
+                          f"or null to register no model")
     if tracking.uri is not None:
         scheme = str(tracking.uri).partition("://")[0] if "://" in str(tracking.uri) else ""
         if scheme.split("+")[0] not in TRACKING_SCHEMES:

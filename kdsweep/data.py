@@ -51,9 +51,26 @@ def load_splits(data_cfg: DictConfig) -> DataSplits:
     return _load_splits(json.dumps(settings, sort_keys=True))
 
 
+def raw_split(data_cfg: DictConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the images (pixel values in [0, 1], not standardised) and labels of one split: train, val or test."""
+    settings = OmegaConf.to_container(data_cfg, resolve=True)
+    train, val, test = _read_splits(settings)
+    return {"train": train, "val": val, "test": test}[split]
+
+
 @functools.lru_cache(maxsize=2)
 def _load_splits(settings_json: str) -> DataSplits:
-    settings = json.loads(settings_json)
+    train, val, test = _read_splits(json.loads(settings_json))
+    mean, std = _channel_statistics(train[0])
+    datasets = [TensorDataset((x - mean) / std, y) for x, y in (train, val, test)]
+    num_classes = int(max(int(y.max()) for _, y in (train, val, test)) + 1)
+    fingerprint = tensors_sha256(tensor for dataset in datasets for tensor in dataset.tensors)
+    return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes,
+                      fingerprint=fingerprint, mean=tuple(mean.flatten().tolist()), std=tuple(std.flatten().tolist()))
+
+
+def _read_splits(settings: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Read the dataset and split it into raw (images, labels) pairs for train, val and test."""
     name = settings["name"]
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
@@ -71,13 +88,7 @@ def _load_splits(settings_json: str) -> DataSplits:
         train_idx, val_idx = _random_split(len(train_labels), settings["val_size"], settings["split_seed"])
         train = (train_images[train_idx], train_labels[train_idx])
         val = (train_images[val_idx], train_labels[val_idx])
-
-    mean, std = _channel_statistics(train[0])
-    datasets = [TensorDataset((x - mean) / std, y) for x, y in (train, val, test)]
-    num_classes = int(max(int(y.max()) for _, y in (train, val, test)) + 1)
-    fingerprint = tensors_sha256(tensor for dataset in datasets for tensor in dataset.tensors)
-    return DataSplits(*datasets, input_shape=tuple(train[0].shape[1:]), num_classes=num_classes,
-                      fingerprint=fingerprint, mean=tuple(mean.flatten().tolist()), std=tuple(std.flatten().tolist()))
+    return train, val, test
 
 
 def with_extra_tensors(splits: DataSplits, train: torch.Tensor, val: torch.Tensor) -> DataSplits:

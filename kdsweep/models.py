@@ -115,3 +115,21 @@ def build_model(model_cfg: DictConfig, input_shape: Sequence[int], num_classes: 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class StandardizedClassifier(nn.Module):
+    """A trained network behind the standardisation of its training data, so that it takes raw pixels.
+
+    kdsweep trains on images standardised with the training split's per-channel mean and standard
+    deviation. This wrapper applies them first, so the logged and exported models take images
+    of the dataset's shape with pixel values in [0, 1] and return one logit per class.
+    """
+
+    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network((pixels - self.mean) / self.std)

@@ -3,7 +3,7 @@
 The logged ``config.yaml`` is the whole resolved config, so the run is rebuilt without the
 ``conf/`` folder it came from. The reproduction runs as a single ``kdsweep`` run in a new process,
 into a new MLflow run in the same experiment, tagged ``kdsweep.reproduction_of``. Every final
-metric is compared, except the ``perf/`` timings, which change from run to run.
+metric is compared, except the ``perf/`` and ``inference/`` timings, which change from run to run.
 """
 
 import argparse
@@ -21,6 +21,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from kdsweep import distributed, provenance, tracking
+from kdsweep.footprint import INFERENCE_PREFIX
 from kdsweep.timing import PERF_PREFIX
 
 # Default tolerance when the original or the reproduction ran on a GPU. NOTE: a guess, not measured:
@@ -199,11 +200,11 @@ def default_tolerance(original: Run, reproduction: Run) -> float:
 
 
 def compare(original: Run, reproduction: Run, tolerance: float) -> Comparison:
-    """Compare every final metric but the perf/ timings, and the data and weight fingerprints."""
+    """Compare every final metric but the timings, and the data and weight fingerprints."""
     names = sorted({*original.data.metrics, *reproduction.data.metrics} - {"step"})
     rows, differing = [], []
     for name in names:
-        if name.startswith(PERF_PREFIX):
+        if name.startswith((PERF_PREFIX, INFERENCE_PREFIX)):
             continue
         before, after = original.data.metrics.get(name), reproduction.data.metrics.get(name)
         rows.append((name, before, after))

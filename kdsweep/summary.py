@@ -5,8 +5,17 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsweep import footprint
+
 TEMPERATURE_KEY = "distill.temperature"
 ALPHA_KEY = "distill.alpha"
+# The footprint columns beside the accuracy: their header and how each cell shows a run's metrics.
+FOOTPRINT_COLUMNS = (
+    ("params", footprint.PARAMETER_COUNT_METRIC, lambda value: f"{value:.0f}"),
+    ("size kB", footprint.SIZE_METRIC, lambda value: f"{value / 1e3:.1f}"),
+    ("latency ms", footprint.LATENCY_METRIC, lambda value: f"{value:.3f}"),
+    ("images/s", footprint.THROUGHPUT_METRIC, lambda value: f"{value:.0f}"),
+)
 
 
 def summarize(study: optuna.Study, metrics: list[str], tracking_uri: str) -> str:
@@ -37,18 +46,20 @@ def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial],
     distilled = _best([t for t in completed if (_alpha(t) or 0) > 0], maximize)
     teacher = next((t.user_attrs["teacher"] for t in completed if t.user_attrs.get("teacher")), None)
 
-    header = ("", "trial", "T", "alpha", metric, "test/acc", "MLflow run")
+    header = ("", "trial", "T", "alpha", metric, "test/acc", *_footprint_header(), "MLflow run")
     rows = []
     if teacher is not None:
         rows.append(("teacher", "-", "-", "-", _number(teacher["metrics"].get(metric)),
-                     _number(teacher["metrics"].get("test/acc")), teacher["run_id"]))
+                     _number(teacher["metrics"].get("test/acc")), *_footprint_cells(teacher["metrics"]),
+                     teacher["run_id"]))
     for label, trial in (("baseline (alpha=0)", baseline), ("best distilled", distilled)):
         if trial is None:
-            rows.append((label, "-", "-", "-", "not run", "", ""))
+            rows.append((label, "-", "-", "-", "not run", "", *("" for _ in FOOTPRINT_COLUMNS), ""))
             continue
         distill = trial.user_attrs.get("distill", {})
+        metrics = trial.user_attrs["metrics"]
         rows.append((label, str(trial.number), _number(distill.get(TEMPERATURE_KEY)), _number(distill.get(ALPHA_KEY)),
-                     _number(trial.value), _number(trial.user_attrs["metrics"].get("test/acc")),
+                     _number(trial.value), _number(metrics.get("test/acc")), *_footprint_cells(metrics),
                      trial.user_attrs.get("mlflow_run_id") or ""))
 
     lines += _format_table(header, rows)
@@ -63,14 +74,24 @@ def _best_table(study: optuna.Study, metric: str, completed: list[FrozenTrial],
 
 
 def _pareto_front_table(study: optuna.Study, metrics: list[str]) -> list[str]:
-    header = ("Pareto front", "T", "alpha", *metrics, "test/acc", "MLflow run")
+    header = ("Pareto front", "T", "alpha", *metrics, "test/acc", *_footprint_header(), "MLflow run")
     rows = []
     for trial in sorted(study.best_trials, key=lambda t: t.number):
         distill = trial.user_attrs.get("distill", {})
+        run_metrics = trial.user_attrs["metrics"]
         rows.append((f"trial {trial.number}", _number(distill.get(TEMPERATURE_KEY)), _number(distill.get(ALPHA_KEY)),
-                     *(_number(value) for value in trial.values), _number(trial.user_attrs["metrics"].get("test/acc")),
-                     trial.user_attrs.get("mlflow_run_id") or ""))
+                     *(_number(value) for value in trial.values), _number(run_metrics.get("test/acc")),
+                     *_footprint_cells(run_metrics), trial.user_attrs.get("mlflow_run_id") or ""))
     return _format_table(header, rows)
+
+
+def _footprint_header() -> tuple[str, ...]:
+    return tuple(header for header, _, _ in FOOTPRINT_COLUMNS)
+
+
+def _footprint_cells(metrics: dict[str, float]) -> tuple[str, ...]:
+    """Format a run's footprint metrics; runs logged before kdsweep measured them show "-"."""
+    return tuple("-" if metrics.get(name) is None else show(metrics[name]) for _, name, show in FOOTPRINT_COLUMNS)
 
 
 def _format_table(header: tuple, rows: list[tuple]) -> list[str]:

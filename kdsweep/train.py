@@ -23,11 +23,11 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdsweep import distributed, optuna_trial, provenance, tracking
+from kdsweep import distributed, footprint, optuna_trial, provenance, registry, tracking
 from kdsweep.augmentation import build_augmentation
 from kdsweep.checks import ConfigError, check_config, check_logit_widths, check_optimizer
 from kdsweep.data import DataSplits, DatasetNotFoundError, TensorDataModule, load_splits, with_extra_tensors
-from kdsweep.models import build_model, count_parameters
+from kdsweep.models import build_model
 from kdsweep.modules import ClassifierModule, DistillationModule, FrozenTeacher
 from kdsweep.seeding import resolve_seed
 from kdsweep.teacher_cache import CachedTeacher, TeacherCache, teacher_cache_key
@@ -35,10 +35,10 @@ from kdsweep.timing import PERF_PREFIX, TimingCallback
 
 log = logging.getLogger(__name__)
 
-# The student's number of parameters, a model property that a multi-objective sweep may minimise.
-PARAMETER_COUNT_METRIC = "model/parameters"
-# The metrics a student run returns that a sweep may optimise; val/agreement needs alpha > 0.
-OPTIMISABLE_METRICS = ("val/acc", "val/loss", "val/agreement", PARAMETER_COUNT_METRIC)
+# The metrics a student run returns that a sweep may optimise; val/agreement needs alpha > 0. The
+# model's footprint is for multi-objective sweeps; its latency varies with the load on the machine.
+OPTIMISABLE_METRICS = ("val/acc", "val/loss", "val/agreement", footprint.PARAMETER_COUNT_METRIC,
+                       footprint.SIZE_METRIC, footprint.LATENCY_METRIC)
 # Batch size of the teacher's forward passes when its logits are computed for the cache.
 INFERENCE_BATCH_SIZE = 1024
 
@@ -285,8 +285,9 @@ def _train_teacher(cfg: DictConfig, teacher: nn.Module, splits: DataSplits, key:
     with tracking.run_status(logger):
         module = ClassifierModule(teacher, instantiate(cfg.teacher.optimizer), splits.num_classes,
                                   augment=_augmentation(cfg, "teacher", splits))
-        metrics = _fit_and_test(cfg, module, logger, splits, cfg.teacher)
+        metrics, device = _fit_and_test(cfg, module, logger, splits, cfg.teacher)
         tracking.set_tag(logger, provenance.CHECKPOINT_HASH_TAG, provenance.state_dict_sha256(teacher.state_dict()))
+        metrics.update(_log_footprint_and_model(cfg, logger, teacher, splits, device))
     return CachedTeacher(key=key, run_id=logger.run_id, tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri),
                          metrics=metrics)
 
@@ -323,11 +324,10 @@ def _train_student(cfg: DictConfig, student: nn.Module, teacher: Optional[Frozen
             augment=_augmentation(cfg, "student", splits),
         )
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        metrics = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
-        metrics[PARAMETER_COUNT_METRIC] = float(count_parameters(student))
+        metrics, device = _fit_and_test(cfg, module, logger, splits, cfg.student, callbacks)
         tracking.set_tag(logger, provenance.CHECKPOINT_HASH_TAG, provenance.state_dict_sha256(student.state_dict()))
+        metrics.update(_log_footprint_and_model(cfg, logger, student, splits, device))
         logger.log_metrics({
-            PARAMETER_COUNT_METRIC: metrics[PARAMETER_COUNT_METRIC],
             f"{PERF_PREFIX}mlflow_setup_seconds": mlflow_setup_seconds,
             f"{PERF_PREFIX}run_seconds": time.perf_counter() - run_started,
         })
@@ -365,8 +365,9 @@ def _cuda_check_by_runtime(trainer: pl.Trainer) -> Iterator[None]:
 
 
 def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.RunLogger, splits: DataSplits,
-                  training: DictConfig, callbacks: Optional[list[pl.Callback]] = None) -> dict[str, float]:
-    """Fit for ``training.max_epochs``, then test; return the final validation and test metrics."""
+                  training: DictConfig,
+                  callbacks: Optional[list[pl.Callback]] = None) -> tuple[dict[str, float], torch.device]:
+    """Fit for ``training.max_epochs``, then test; return the final validation and test metrics and the device."""
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         max_epochs=training.max_epochs,
@@ -385,4 +386,22 @@ def _fit_and_test(cfg: DictConfig, module: ClassifierModule, logger: tracking.Ru
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (test_metrics,) = trainer.test(module, datamodule=data, verbose=False)
     metrics.update({k: float(v) for k, v in test_metrics.items() if k.startswith("test/")})
+    return metrics, trainer.strategy.root_device
+
+
+def _log_footprint_and_model(cfg: DictConfig, logger: tracking.RunLogger, network: nn.Module, splits: DataSplits,
+                             device: torch.device) -> dict[str, float]:
+    """Measure the trained network's footprint on ``device``, log it and the network's MLflow model.
+
+    Return the footprint metrics. Data-parallel ranks other than 0 have no run and return {}.
+    """
+    if logger.run_id is None:
+        return {}
+    model = registry.serving_model(network, splits)
+    timing = footprint.InferenceTiming(device=device, batch_size=cfg.inference.batch_size,
+                                       min_run_time=cfg.inference.min_run_time)
+    metrics = footprint.measure(model, splits.input_shape, timing)
+    logger.log_metrics(metrics)
+    registry.log_model(model.cpu(), registry.input_example(splits), experiment_id=logger.experiment_id,
+                       tracking_uri=tracking.resolve_tracking_uri(cfg.tracking.uri), run_id=logger.run_id)
     return metrics

@@ -16,8 +16,9 @@ torch.set_num_threads(1)  # See OMP_NUM_THREADS in run_kdsweep.
 CHECKOUT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = CHECKOUT.parent / "shared" / "data"
 
-# Short trainings, so that the command-line tests finish in seconds.
-FAST = ["trainer.enable_progress_bar=false", "teacher.max_epochs=2", "student.max_epochs=2"]
+# Short trainings and short inference timings, so that the command-line tests finish in seconds.
+FAST = ["trainer.enable_progress_bar=false", "teacher.max_epochs=2", "student.max_epochs=2",
+        "inference.batch_size=64", "inference.min_run_time=0.01"]
 
 
 def kdsweep_environment(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -114,6 +114,9 @@ def test_two_process_trials_in_sweep(kdsweep, tmp_path, tracking_uri):
         assert run.data.tags["kdsweep.accelerator"] == "cpu"
         assert run.data.tags["kdsweep.device_count"] == "2"
         assert run.data.tags["kdsweep.device_name"]
+        # Process 0 alone logs the model and the footprint.
+        assert len(run.outputs.model_outputs) == 1
+        assert run.data.metrics["inference/latency_ms"] > 0
     # Process 1 writes its log lines to its own file only, not to the console.
     console = result.stdout + result.stderr
     assert "Process 0 of 2 distils" in console

@@ -22,9 +22,9 @@ READ_CODE_STATE = provenance.code_state.__wrapped__
 
 
 def metric_histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
-    """Return every metric's (step, value) history, the perf/ timings left out."""
+    """Return every metric's (step, value) history, the perf/ and inference/ timings left out."""
     return {name: [(point.step, point.value) for point in client.get_metric_history(run.info.run_id, name)]
-            for name in run.data.metrics if not name.startswith("perf/")}
+            for name in run.data.metrics if not name.startswith(("perf/", "inference/"))}
 
 
 def run_command(module: str, arguments: list[str], cwd) -> subprocess.CompletedProcess:

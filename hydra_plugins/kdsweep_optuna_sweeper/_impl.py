@@ -39,7 +39,7 @@ from hydra_plugins.kdsweep_optuna_sweeper._study_tools import (
     write_plots,
     write_results,
 )
-from kdsweep import optuna_trial, provenance, summary, tracking
+from kdsweep import optuna_trial, provenance, registry, summary, tracking
 from kdsweep.checks import ConfigError, exit_on_config_error
 from kdsweep.seeding import draw_seed
 
@@ -547,6 +547,43 @@ class OptunaSweeperImpl(Sweeper):
             client.set_tag(parent_run_id, "optuna.best_trial_number", str(best.number))
             for key, value in best.params.items():
                 client.set_tag(parent_run_id, f"optuna.best.{key}", str(value))
+            name = base_cfg.tracking.get("registered_model_name")
+            if name:
+                self._register_best_student(client, best, parent_run_id, name)
+
+    def _register_best_student(self, client, best: optuna.trial.FrozenTrial, parent_run_id: str, name: str) -> None:
+        """Register the best trial's student as a version of registered model ``name``, tagged with the trial.
+
+        A registry error is logged, not raised: the trials and their runs are complete by now.
+        """
+        from mlflow.exceptions import MlflowException
+
+        run_id = best.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            log.warning("Trial %d has no MLflow run, so no student is registered", best.number)
+            return
+        distill = best.user_attrs.get("distill") or {}
+        teacher = best.user_attrs.get("teacher") or {}
+        tags = {
+            registry.SWEEP_RUN_TAG: parent_run_id,
+            tracking.STUDY_TAG: self.study_name,
+            tracking.TRIAL_NUMBER_TAG: str(best.number),
+            summary.TEMPERATURE_KEY: str(distill.get(summary.TEMPERATURE_KEY)),
+            summary.ALPHA_KEY: str(distill.get(summary.ALPHA_KEY)),
+            # A baseline trial (alpha = 0) trains without a teacher.
+            tracking.TEACHER_RUN_TAG: teacher.get("run_id") or "none",
+            self.metrics[0]: str(best.value),
+        }
+        try:
+            version = registry.register_student(client, name, run_id, tags)
+        except MlflowException as error:
+            log.error("Registering the student of trial %d (run %s) as %s failed: %s", best.number, run_id, name,
+                      error)
+            return
+        if version is not None:
+            client.set_tag(parent_run_id, registry.REGISTERED_VERSION_TAG, f"{name}/{version.version}")
+            log.info("Registered the student of trial %d (run %s) as %s version %s; export it with: "
+                     "kdsweep-export %s", best.number, run_id, name, version.version, run_id)
 
 
 def _plain(node: Any) -> Any:
