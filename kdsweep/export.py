@@ -101,6 +101,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"kdsweep-export: error: {error}", file=sys.stderr)
         sys.exit(2)
 
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the fluent API's store.
     logged = mlflow.pytorch.load_model(model.uri, map_location="cpu")
     reference = logits_in_batches(logged, images)
     checks = [

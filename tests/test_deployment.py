@@ -134,11 +134,14 @@ def test_export_matches_logged_model(kdsweep, tmp_path, tracking_uri, fluent_sto
     client = MlflowClient(tracking_uri)
     (student,) = runs_of_role(tracking_uri, "student")
 
-    result = run_export([student.info.run_id, "--output-dir", "exported"], tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # The store is found through --tracking-uri alone.
+    elsewhere.mkdir()
+    folder = tmp_path / "exported"
+    result = run_export([student.info.run_id, "--output-dir", str(folder), "--tracking-uri", tracking_uri], elsewhere)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MATCH: tolerance 0.0001" in result.stdout
-    folder = tmp_path / "exported"
+    assert list(elsewhere.iterdir()) == []
     images, labels = raw_split(run_config(client, student.info.run_id, tmp_path).data, "test")
     logged = mlflow.pytorch.load_model(registry.logged_model(client, student.info.run_id).uri)
     with torch.no_grad():

@@ -153,11 +153,21 @@ def test_cpu_processes_without_gloo_rejected(monkeypatch):
         train._check_trainer(cfg)
 
 
+def handle_sigint_by_default() -> None:
+    """Let the command's Python turn SIGINT into KeyboardInterrupt, as it does when started from a terminal.
+
+    A shell runs a background job (``make test &``) with SIGINT ignored, its children inherit that,
+    and Python then leaves SIGINT ignored, so the sweep would not see the test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_two_process_trial_leaves_no_process(tmp_path, tracking_uri):
     arguments = ["trainer.enable_progress_bar=false", "student.max_epochs=1000", *SWEEP, "hydra.sweeper.n_trials=1"]
     with open(tmp_path / "sweep.log", "w") as log:
         sweep = subprocess.Popen([sys.executable, "-m", "kdsweep.cli", *arguments], cwd=tmp_path,
-                                 env=kdsweep_environment(), stdout=log, stderr=subprocess.STDOUT)
+                                 env=kdsweep_environment(), stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=handle_sigint_by_default)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("multirun/*/*/0/train_ddp_process_1.log")):
         assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
