@@ -6,6 +6,7 @@ what is allowed; :func:`exit_on_config_error` turns it into that line on stderr 
 
 import contextlib
 import math
+import posixpath
 import sys
 from collections.abc import Sequence
 from numbers import Real
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 from hydra.errors import CompactHydraException
 from hydra.utils import get_object, instantiate
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from omegaconf import DictConfig
 from torch import nn
 
@@ -24,6 +26,11 @@ from kdsweep.data import DATASETS
 MAX_SEED = 2**32 - 1
 # Tracking URI schemes that MLflow stores accept; an empty scheme is a local path.
 TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# The maximum length of a registered model name: MLflow's SQL stores keep it in a VARCHAR(256) column.
+MAX_MODEL_NAME_LENGTH = 256
+# The maximum large batch of the inference timing, and the maximum seconds of timing per batch size.
+MAX_INFERENCE_BATCH_SIZE = 65536
+MAX_MIN_RUN_TIME = 60.0
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -58,10 +65,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("seed") is not None:  # An absent seed is drawn when the run starts.
         _check_whole(cfg.seed, "seed", 0, MAX_SEED)
     _check_tracking(cfg.tracking)
-    _check_whole(cfg.inference.batch_size, "inference.batch_size", 1)
+    _check_whole(cfg.inference.batch_size, "inference.batch_size", 1, MAX_INFERENCE_BATCH_SIZE)
     min_run_time = _number(cfg, "inference.min_run_time")
-    if not min_run_time > 0:
-        raise ConfigError(f"inference.min_run_time={min_run_time}: must be a number of seconds > 0")
+    if not 0 < min_run_time <= MAX_MIN_RUN_TIME:
+        raise ConfigError(f"inference.min_run_time={min_run_time}: must be a number of seconds in "
+                          f"(0, {MAX_MIN_RUN_TIME:g}]")
 
     for role in ("teacher", "student"):
         for key in ("max_epochs", "batch_size"):
@@ -118,14 +126,27 @@ def _check_tracking(tracking: DictConfig) -> None:
     if not isinstance(tracking.experiment, str) or not tracking.experiment.strip():
         raise ConfigError(f"tracking.experiment={tracking.experiment!r}: give a non-empty experiment name")
     name = tracking.get("registered_model_name")
-    if name is not None and (not isinstance(name, str) or not name.strip() or any(c in name for c in "/:")):
-        raise ConfigError(f"tracking.registered_model_name={name!r}: give a non-empty name without / or :, "
-                          f"or null to register no model")
+    if name is not None and not _valid_model_name(name):
+        raise ConfigError(f"tracking.registered_model_name={name!r}: give a name of 1 to {MAX_MODEL_NAME_LENGTH} "
+                          f"characters without / or :, not . and not starting with .., or null to register no model (the default "
+                          f"is tracking.experiment followed by -student)")
     if tracking.uri is not None:
         scheme = str(tracking.uri).partition("://")[0] if "://" in str(tracking.uri) else ""
         if scheme.split("+")[0] not in TRACKING_SCHEMES:
             raise ConfigError(f"tracking.uri={tracking.uri!r}: unsupported scheme; use a path or one of "
                               f"{', '.join(s + '://' for s in TRACKING_SCHEMES if s)}")
+        if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+            raise ConfigError(f"tracking.uri={tracking.uri!r}: MLflow's file store is disabled unless "
+                              f"MLFLOW_ALLOW_FILE_STORE=true; use a database such as sqlite:///PATH/mlflow.db")
+
+
+def _valid_model_name(name: object) -> bool:
+    """Return whether MLflow's registry accepts ``name``: MLflow 3.17 also rejects names that a path would change."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_MODEL_NAME_LENGTH:
+        return False
+    normalised = posixpath.normpath(name)
+    return not any(c in name for c in "/:") and normalised == name and normalised != "." \
+        and not normalised.startswith("..")
 
 
 def _number(cfg: DictConfig, key: str) -> float:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdsweep import provenance, registry, tracking
-from kdsweep.data import DatasetNotFoundError, load_splits, raw_split
+from kdsweep.data import LOCATION_KEYS, DatasetNotFoundError, load_splits, raw_split
 from kdsweep.reproduce import ReproduceError, download_config, find_run
 
 # The default largest absolute difference between an exported file's logits and the logged model's.
@@ -66,11 +66,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         description="Write the MLflow model of a kdsweep student run as TorchScript and ONNX files, and check that "
                     "each file gives the logged model's logits on the run's test split. Exit 0 when both match "
                     "within the tolerance, 1 when one does not, 2 on bad input.")
-    parser.add_argument("run", help="the MLflow run id of a student run, or a registered version as "
-                                    "models:/NAME/VERSION")
+    parser.add_argument("run", help="the MLflow run id of a student run, a registered version as "
+                                    "models:/NAME/VERSION, or a logged model as models:/MODEL_ID")
     parser.add_argument("overrides", nargs="*",
-                        help="data settings that locate the files on this machine, e.g. data.root=/data")
-    parser.add_argument("--output-dir", type=Path,
+                        help="where the data is on this machine: data.root=PATH or data.download=true|false")
+    parser.add_argument("--output-dir",
                         help="the folder to write to (default: exports/RUN_ID in the working directory)")
     parser.add_argument("--tracking-uri", help="the MLflow store of the run (default: $MLFLOW_TRACKING_URI, else "
                                                "mlflow.db in the working directory)")
@@ -95,7 +95,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         with tempfile.TemporaryDirectory(prefix="kdsweep-export-") as download:
             cfg = run_config(client, run, Path(download), arguments.overrides)
         images, labels = test_split(cfg, run)
-        folder = arguments.output_dir or Path("exports") / run.info.run_id
+        if arguments.output_dir is not None and not arguments.output_dir.strip():
+            raise ExportError(f"--output-dir={arguments.output_dir!r}: give a folder")
+        folder = Path(arguments.output_dir or Path("exports") / run.info.run_id).resolve()
         prepare_output_folder(folder, arguments.overwrite)
     except (ExportError, ReproduceError, FileNotFoundError) as error:
         print(f"kdsweep-export: error: {error}", file=sys.stderr)
@@ -158,17 +160,21 @@ def find_student_run(client: MlflowClient, reference: str, uri: str) -> Run:
     return run
 
 
-def registered_run_id(client: MlflowClient, uri_of_version: str, uri: str) -> str:
+def registered_run_id(client: MlflowClient, model_uri: str, uri: str) -> str:
+    """Return the run of ``models:/NAME/VERSION`` or of a logged model ``models:/MODEL_ID``."""
     from mlflow.exceptions import MlflowException
 
-    name, _, version = uri_of_version.removeprefix("models:/").rpartition("/")
-    if not name or not version.isdigit():
-        raise ExportError(f"run={uri_of_version}: give a registered version as models:/NAME/VERSION, e.g. "
-                          f"models:/kdsweep-digits-student/1")
+    path = model_uri.removeprefix("models:/")
+    name, _, version = path.rpartition("/")
     try:
-        return client.get_model_version(name, version).run_id
+        if not name and path.startswith("m-"):
+            return client.get_logged_model(path).source_run_id
+        if name and version.isdigit():
+            return client.get_model_version(name, version).run_id
     except MlflowException:
-        raise ExportError(f"run={uri_of_version}: no such registered model version in {uri}") from None
+        raise ExportError(f"run={model_uri}: no such registered model version or logged model in {uri}") from None
+    raise ExportError(f"run={model_uri}: give a registered version as models:/NAME/VERSION, e.g. "
+                      f"models:/kdsweep-digits-student/1, or a logged model as models:/m-...")
 
 
 def prepare_output_folder(folder: Path, overwrite: bool) -> None:
@@ -189,12 +195,17 @@ def prepare_output_folder(folder: Path, overwrite: bool) -> None:
 
 
 def run_config(client: MlflowClient, run: Run, folder: Path, overrides: list[str]) -> DictConfig:
-    """Return the run's logged config with ``overrides`` of its data settings applied."""
+    """Return the run's logged config with ``overrides`` of where its data is applied."""
     cfg = OmegaConf.load(download_config(client, run, folder))
+    allowed = [f"data.{key}" for key in LOCATION_KEYS if key in cfg.data]
     for override in overrides:
-        key, separator, _ = override.partition("=")
-        if not separator or not key.startswith("data."):
-            raise ExportError(f"{override}: give data settings only, as key=value, e.g. data.root=/data")
+        key, separator, value = override.partition("=")
+        if not separator or key not in allowed:
+            choices = " or ".join(allowed) if allowed else "none: the run's data has no location settings"
+            raise ExportError(f"{override}: give only where the data is on this machine, as key=value; "
+                              f"allowed keys: {choices}")
+        if key == "data.download" and value not in ("true", "false"):
+            raise ExportError(f"{override}: must be true or false")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
 
 
@@ -206,8 +217,9 @@ def test_split(cfg: DictConfig, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         raise ExportError(f"the run's test split cannot be loaded: {error}") from None
     logged = run.data.tags.get(provenance.DATA_FINGERPRINT_TAG)
     if logged and logged != splits.fingerprint:
+        fix = "point data.root at the run's data" if "root" in cfg.data else "the data's source changed since the run"
         raise ExportError(f"the data differs from the run's: fingerprint {splits.fingerprint[:12]}, but the run "
-                          f"logged {logged[:12]}; point data.root at the run's data")
+                          f"logged {logged[:12]}; {fix}")
     return raw_split(cfg.data, "test")
 
 

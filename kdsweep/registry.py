@@ -116,4 +116,6 @@ def register_student(client: MlflowClient, name: str, run_id: str, tags: dict[st
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    return client.create_model_version(name, source=model.uri, run_id=run_id, tags=tags, model_id=model.model_id)
+    version = client.create_model_version(name, source=model.uri, run_id=run_id, tags=tags, model_id=model.model_id)
+    log.info("Registered the student of run %s as %s version %s", run_id, name, version.version)
+    return version

@@ -98,10 +98,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 def find_run(client: MlflowClient, run_id: str, uri: str) -> Run:
     from mlflow.exceptions import MlflowException
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return client.get_run(run_id)
     except MlflowException:
         raise ReproduceError(f"run_id={run_id}: no such run in the MLflow store {uri}") from None
+    except SQLAlchemyError as error:
+        raise ReproduceError(f"--tracking-uri={uri}: cannot be read as an MLflow store "
+                             f"({type(error).__name__})") from None
 
 
 def run_role(run: Run) -> str:

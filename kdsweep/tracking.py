@@ -243,6 +243,9 @@ def existing_store_client(uri: Optional[str]) -> tuple[MlflowClient, str]:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(f"--tracking-uri={uri}: no such SQLite file; run the command in the folder that "
                                 f"holds mlflow.db, or pass the store's URI")
+    if "://" not in uri or uri.startswith("file:"):
+        raise FileNotFoundError(f"--tracking-uri={uri}: a folder or file path is MLflow's file store, which kdsweep "
+                                f"does not write; give the database URI, such as sqlite:///PATH/mlflow.db")
     return MlflowClient(uri), uri
 
 

@@ -205,6 +205,7 @@ BAD_EXPORTS = {
     "teacher run": (["{teacher}"], ["a teacher run", "kdsweep.role='teacher'", "student run"]),
     "student without model": (["{bare}"], ["logged no MLflow model"]),
     "unknown registered version": (["models:/nothing/3"], ["models:/nothing/3", "no such registered model version"]),
+    "unknown logged model": (["models:/m-0123456789abcdef"], ["models:/m-0123456789abcdef", "no such"]),
     "malformed registered version": (["models:/nothing"], ["models:/NAME/VERSION"]),
     "output under a file": (["{student}", "--output-dir", "/dev/null/exports"],
                             ["--output-dir=/dev/null/exports", "cannot be written (Not a directory)"]),
@@ -212,8 +213,10 @@ BAD_EXPORTS = {
     "output not writable": (["{student}", "--output-dir", "/proc/kdsweep-exports"],
                             ["--output-dir=/proc/kdsweep-exports", "cannot be written"]),
     "negative tolerance": (["{student}", "--tolerance", "-1"], ["--tolerance=-1.0", ">= 0"]),
-    "setting outside data": (["{student}", "distill.alpha=1"], ["distill.alpha=1", "data settings only"]),
-    "data of another split": (["{student}", "data.split_seed=5"], ["data differs from the run's"]),
+    "setting outside data": (["{student}", "distill.alpha=1"], ["distill.alpha=1", "where the data is"]),
+    "data choice": (["{student}", "data.name=mnist"], ["data.name=mnist", "none: the run's data has no location"]),
+    "empty output folder": (["{student}", "--output-dir", ""], ["--output-dir=''"]),
+    "file store": (["{student}", "--tracking-uri", "{folder}"], ["file store", "sqlite:///"]),
 }
 
 
@@ -233,7 +236,8 @@ def export_store(tmp_path, tracking_uri) -> dict[str, str]:
 def test_export_bad_input_rejected(export_store, tmp_path, tracking_uri, monkeypatch, capsys, arguments, expected):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit:
-        export.main([argument.format(**export_store) for argument in arguments] + ["--tracking-uri", tracking_uri])
+        export.main([argument.format(**export_store, folder=tmp_path) for argument in arguments]
+                    + ([] if "--tracking-uri" in arguments else ["--tracking-uri", tracking_uri]))
 
     assert exit.value.code == 2
     error_lines = capsys.readouterr().err.strip().splitlines()

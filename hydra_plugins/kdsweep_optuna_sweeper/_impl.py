@@ -582,7 +582,7 @@ class OptunaSweeperImpl(Sweeper):
             return
         if version is not None:
             client.set_tag(parent_run_id, registry.REGISTERED_VERSION_TAG, f"{name}/{version.version}")
-            log.info("Registered the student of trial %d (run %s) as %s version %s; export it with: "
+            log.info("The best student, of trial %d (run %s), is %s version %s; export it with: "
                      "kdsweep-export %s", best.number, run_id, name, version.version, run_id)
 
 
